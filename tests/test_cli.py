@@ -1,0 +1,68 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from ragqa.config import Settings
+
+from .conftest import assert_one_line_error, run_cli
+
+
+def test_config_shows_values_and_sources(tmp_path: Path) -> None:
+    toml = tmp_path / "ragqa.toml"
+    toml.write_text("k = 3\n", encoding="utf-8")
+    proc = run_cli("config", "--json", env={"RAGQA_CONFIG": str(toml), "RAGQA_CHUNK_SIZE": "500"})
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["k"] == {"value": 3, "source": str(toml)}
+    assert data["chunk_size"] == {"value": 500, "source": "env RAGQA_CHUNK_SIZE"}
+    assert data["model"]["source"] == "default"
+    table = run_cli("config")
+    assert table.returncode == 0 and "embedder" in table.stdout
+
+
+def test_bad_flags_and_models_are_one_line(tmp_path: Path, corpus_settings: Settings) -> None:
+    env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir)}
+    assert_one_line_error(run_cli("ask", "问题？", "--model", str(tmp_path / "missing.gguf"), env=env),
+                          "does not exist")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a model")
+    assert_one_line_error(run_cli("ask", "问题？", "--model", str(fake), env=env), "not a GGUF")
+    assert_one_line_error(run_cli("ask", "问题？", "--embedder", "multilingual-e5-small", env=env),
+                          "built with embedder 'embeddinggemma-300m'")
+    bad_env = {**env, "RAGQA_K": "lots"}
+    assert_one_line_error(run_cli("ask", "问题？", env=bad_env), "invalid value 'lots'")
+
+
+@pytest.mark.slow
+def test_corrupt_gguf_is_one_line(tmp_path: Path, corpus_settings: Settings) -> None:
+    src = corpus_settings.models_dir / "smollm2-135m-instruct.gguf"
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(src.read_bytes()[:5_000_000])
+    env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir)}
+    assert_one_line_error(run_cli("ask", "杰文斯悖论是什么？", "--model", str(cut), env=env))
+
+
+@pytest.mark.slow
+def test_chat_resolves_follow_ups_and_commands(corpus_settings: Settings) -> None:
+    env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
+           "RAGQA_MODEL": "qwen2.5-coder-0.5b-instruct"}
+    script = "杰文斯悖论是什么？\n它是谁提出的？\n/sources\n/reset\n/what\n/exit\n"
+    proc = run_cli("chat", env=env, input=script)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "understood as:" in proc.stderr  # the follow-up was rewritten before retrieval
+    assert "conversation cleared" in proc.stderr and "unknown command /what" in proc.stderr
+    assert "corpus/" in proc.stdout or "/corpus/" in proc.stdout  # /sources printed file:line citations
+
+
+@pytest.mark.slow
+def test_ask_streams_and_prints_sources(corpus_settings: Settings) -> None:
+    env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
+           "RAGQA_MODEL": "qwen2.5-coder-0.5b-instruct"}
+    proc = run_cli("ask", "What is the Jevons paradox?", env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert any(ln.startswith("[1]") or ln.startswith("[2]") for ln in lines), proc.stdout
+    assert any(".txt:" in ln for ln in lines)
+    assert "first token" in proc.stderr

@@ -1,0 +1,158 @@
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ragqa.config import Settings
+from ragqa.errors import RagqaError
+from ragqa.index import Index, tokenize
+from ragqa.ingest import load_text
+
+from .conftest import CORPUS, assert_one_line_error, make_settings, run_cli
+
+
+def test_tokenize_chinese_and_english() -> None:
+    tokens = tokenize("杰文斯悖论（Jevons Paradox）是什么？The COAL question")
+    assert "杰文斯" in tokens or "杰文斯悖论" in tokens
+    assert {"jevons", "paradox", "coal", "question"} <= set(tokens)
+    assert "？" not in tokens and "是" not in tokens and "the" not in tokens
+
+
+@pytest.mark.slow
+def test_corpus_index_offsets_and_no_change_reingest(corpus_settings: Settings, embedder) -> None:
+    idx = Index(corpus_settings, embedder=embedder)
+    chunks = idx.load_chunks()
+    texts = {p: load_text(Path(p)) for p in {c.source for c in chunks.values()}}
+    assert len(texts) == 5
+    for c in chunks.values():
+        assert texts[c.source][c.start : c.end] == c.text
+    assert idx.store._collection.count() == len(chunks)
+    again = idx.ingest([CORPUS])
+    assert again.chunks_embedded == 0 and again.files_unchanged == 5 and again.chunks_total == len(chunks)
+    assert idx.stale_reason([CORPUS]) is None
+
+
+def _small_index(tmp_path: Path, embedder) -> tuple[Index, Path]:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("杰文斯悖论指效率提高反而增加总消耗。" * 3, encoding="utf-8")
+    (docs / "b.md").write_text("# Scaling\n\nMixture of experts routes each token to a few experts. " * 4,
+                               encoding="utf-8")
+    settings = make_settings(index=tmp_path / "idx", chunk_size=120, chunk_overlap=20)
+    return Index(settings, embedder=embedder), docs
+
+
+def _sources(idx: Index) -> dict[str, int]:
+    idx._chunks = None
+    out: dict[str, int] = {}
+    for c in idx.load_chunks().values():
+        out[Path(c.source).name] = out.get(Path(c.source).name, 0) + 1
+    return out
+
+
+def _vector_sources(idx: Index) -> set[str]:
+    got = idx.store._collection.get(include=["metadatas"])
+    return {Path(m["source"]).name for m in got["metadatas"]}
+
+
+@pytest.mark.slow
+def test_changed_and_deleted_files(tmp_path: Path, embedder) -> None:
+    idx, docs = _small_index(tmp_path, embedder)
+    first = idx.ingest([docs])
+    assert first.files_added == 2 and set(_sources(idx)) == {"a.txt", "b.md"}
+    (docs / "a.txt").write_text("完全不同的新内容。", encoding="utf-8")
+    changed = idx.ingest([docs])
+    assert changed.files_changed == 1 and changed.chunks_embedded == 1
+    assert "完全不同" in "".join(c.text for c in idx.load_chunks().values())
+    (docs / "b.md").unlink()
+    gone = idx.ingest([docs])
+    assert gone.files_removed == 1 and gone.chunks_embedded == 0
+    assert set(_sources(idx)) == {"a.txt"}
+    assert _vector_sources(idx) == {"a.txt"}  # no vectors left behind in Chroma either
+    assert idx.store._collection.count() == len(idx.load_chunks())
+
+
+@pytest.mark.slow
+def test_binary_file_is_skipped_with_a_warning(tmp_path: Path, embedder) -> None:
+    idx, docs = _small_index(tmp_path, embedder)
+    (docs / "blob.txt").write_bytes(os.urandom(4096) + b"\0")
+    (docs / "latin.txt").write_bytes("Caf\xe9 cr\xe8me br\xfbl\xe9e. ".encode("latin-1") * 20)
+    report = idx.ingest([docs])
+    assert any("blob.txt" in s and "binary" in s for s in report.skipped)
+    assert set(_sources(idx)) == {"a.txt", "b.md", "latin.txt"}
+    assert "Café" in "".join(c.text for c in idx.load_chunks().values())
+
+
+def test_missing_index_and_corrupt_state_are_clear(tmp_path: Path) -> None:
+    settings = make_settings(index=tmp_path / "none")
+    with pytest.raises(RagqaError, match="no index at .*ragqa ingest"):
+        Index(settings).load_chunks()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "state.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RagqaError, match="corrupt.*--rebuild"):
+        Index(make_settings(index=broken)).load_chunks()
+
+
+def test_concurrent_ingest_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    idx = Index(make_settings(index=tmp_path / "idx"))
+    (tmp_path / "idx").mkdir()
+    with open(tmp_path / "idx" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RagqaError, match="another ingest is running"):
+            idx.ingest([CORPUS])
+
+
+@pytest.mark.slow
+def test_kill_mid_ingest_leaves_previous_index_usable(tmp_path: Path, models_dir: Path, embedder) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(CORPUS / "001_014de5e63ed176de.txt", docs)
+    idx_dir = tmp_path / "idx"
+    env = {"RAGQA_INDEX": str(idx_dir), "RAGQA_MODELS": str(models_dir), "RAGQA_CHUNK_SIZE": "400"}
+    first = run_cli("ingest", str(docs), env=env)
+    assert first.returncode == 0, first.stderr
+    settings = make_settings(index=idx_dir, chunk_size=400)
+    before = len(Index(settings).load_chunks())
+
+    shutil.copy(CORPUS / "000_f5fd2a6a8ad6d922.txt", docs)
+    (docs / "001_014de5e63ed176de.txt").write_text("替换后的文件内容。" * 50, encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from ragqa.cli import main; main()", "ingest", str(docs)],
+        env={**os.environ, **env}, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 300
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("embedding ") or time.time() > deadline:
+            break
+    time.sleep(random.uniform(0.5, 3.0))  # somewhere inside the embedding / writing phase
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    after = Index(settings, embedder=embedder)
+    chunks = after.load_chunks()
+    assert len(chunks) == before  # the old committed state, whole
+    assert {Path(c.source).name for c in chunks.values()} == {"001_014de5e63ed176de.txt"}
+    hits = after.dense_search(embedder.embed_query("生成式 AI"), 3)
+    assert hits and all(h[0] in chunks for h in hits)
+
+    again = run_cli("ingest", str(docs), env=env)
+    assert again.returncode == 0, again.stderr
+    final = Index(settings, embedder=embedder)
+    assert {Path(c.source).name for c in final.load_chunks().values()} == {
+        "000_f5fd2a6a8ad6d922.txt", "001_014de5e63ed176de.txt"}
+    assert final.store._collection.count() == len(final.load_chunks())  # orphans collected
+
+
+def test_cli_ingest_bad_paths(tmp_path: Path) -> None:
+    env = {"RAGQA_INDEX": str(tmp_path / "idx")}
+    assert_one_line_error(run_cli("ingest", str(tmp_path / "missing"), env=env), "does not exist")

