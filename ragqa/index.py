@@ -35,7 +35,8 @@ from ragqa.ingest import Chunk, SkipFile, iter_files, load_text, split_text
 SCHEMA_VERSION = 1
 _WORD = re.compile(r"\w", re.UNICODE)
 _STOP = set(
-    "的 了 是 在 和 与 及 或 也 都 就 而 被 把 对 为 于 之 其 这 那 有 中 上 下 个 吗 呢 啊 吧 什么 哪些 哪 如何 怎么 怎样 为什么 是否".split()
+    "的 了 是 在 和 与 及 或 也 都 就 而 被 把 对 为 于 之 其 这 那 有 中 上 下 个".split()
+    + "吗 呢 啊 吧 什么 哪些 哪 如何 怎么 怎样 为什么 是否".split()
 )
 _STOP |= set("the a an of to in on for and or is are was were be been what which who whom how why does do did "
              "it its this that these those with by as at from according text document documents".split())
