@@ -8,7 +8,6 @@ offsets: the two meet only once a quote has been located in its source file.
 
 from __future__ import annotations
 
-import codecs
 import math
 import re
 import unicodedata
@@ -79,30 +78,12 @@ class CorpusTexts:
 
 
 def decode_like_ingest(data: bytes, name: str) -> str | None:
-    """Decode exactly as ingestion does, because retrieval offsets index that text.
+    """Decode exactly as ingestion does (retrieval offsets index that text); None for what ingest skips."""
+    from ragqa.ingest import SkipFile, decode
 
-    In particular no newline translation: a CRLF file must keep its "\r" or every offset after the
-    first line break would be off by one per line.
-    """
-    for bom, enc in (
-        (codecs.BOM_UTF8, "utf-8-sig"),
-        (codecs.BOM_UTF16_LE, "utf-16"),
-        (codecs.BOM_UTF16_BE, "utf-16"),
-    ):
-        if data.startswith(bom):
-            try:
-                return data.decode(enc)
-            except UnicodeDecodeError:
-                return None
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    try:  # rare legacy encodings: defer to ingestion's own detector rather than guess differently
-        from ragqa.ingest import decode
-
         return decode(data, name)
-    except Exception:
+    except SkipFile:
         return None
 
 
