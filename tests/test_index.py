@@ -156,3 +156,16 @@ def test_kill_mid_ingest_leaves_previous_index_usable(tmp_path: Path, models_dir
 def test_cli_ingest_bad_paths(tmp_path: Path) -> None:
     env = {"RAGQA_INDEX": str(tmp_path / "idx")}
     assert_one_line_error(run_cli("ingest", str(tmp_path / "missing"), env=env), "does not exist")
+
+
+@pytest.mark.slow
+def test_a_folder_deleted_elsewhere_leaves_nothing_behind(tmp_path: Path, embedder) -> None:
+    idx, docs = _small_index(tmp_path, embedder)
+    idx.ingest([docs])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "c.txt").write_text("另一个文件夹里的内容。" * 5, encoding="utf-8")
+    shutil.rmtree(docs)
+    report = idx.ingest([other])
+    assert report.files_added == 1 and report.files_removed == 2
+    assert set(_sources(idx)) == {"c.txt"} and _vector_sources(idx) == {"c.txt"}
