@@ -166,6 +166,12 @@ def run_ingest(settings: Settings, paths: list[Path], rebuild: bool = False) -> 
 
 
 # ---- ask / chat --------------------------------------------------------------------------------------
+def write_now(text: str) -> None:
+    """Stream a token to the terminal as soon as the model produces it."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def print_sources(answer: Any) -> None:
     from ragqa.chain import display_source
 
@@ -200,7 +206,7 @@ def ask(
         answer = qa.ask(question)
         print(json.dumps(answer.as_dict(), ensure_ascii=False))
         return
-    answer = qa.ask(question, on_token=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    answer = qa.ask(question, on_token=write_now)
     sys.stdout.write("\n")
     if answer.citations:
         out.print()
@@ -259,7 +265,7 @@ def chat(
             err.print(f"[yellow]unknown command {line}; use /sources, /reset or /exit[/]")
             continue
         try:
-            last = qa.ask(line, history=history, on_token=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+            last = qa.ask(line, history=history, on_token=write_now)
         except RagqaError as exc:
             err.print(f"[red]error:[/] {exc}")
             continue

@@ -28,6 +28,7 @@ from ragqa.errors import RagqaError
 from ragqa.evals.metrics import (
     LATENCY_PARTS,
     QUESTION_TYPES,
+    RATE_METRICS,
     CorpusTexts,
     judge,
     locate_evidence,
@@ -316,20 +317,7 @@ def _flat_metrics(group: dict[str, Any] | None) -> list[tuple[str, Any, bool]]:
     """(label, value, is_rate) rows of one metric group, with latency flattened for diffing."""
     group = group or {}
     rows: list[tuple[str, Any, bool]] = [("n", group.get("n"), False)]
-    rows += [
-        (k, group.get(k), True)
-        for k in (
-            "evidence_recall@k",
-            "hit@k",
-            "mrr",
-            "key_fact_accuracy",
-            "key_fact_recall",
-            "negative_rejection",
-            "false_refusal",
-            "citation_validity",
-            "citation_support",
-        )
-    ]
+    rows += [(k, group.get(k), True) for k in RATE_METRICS]
     lat = group.get("latency") or {}
     for part in LATENCY_PARTS:
         for p in ("p50", "p95"):
