@@ -375,7 +375,8 @@ class QA:
                 if on_token:
                     on_token(text)
 
-        for piece in self.llm.stream(messages, max_tokens=self.settings.max_tokens):
+        stream = self.llm.stream(messages, max_tokens=self.settings.max_tokens)
+        for piece in stream:
             if timings["ttft_ms"] is None:
                 timings["ttft_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             raw.append(piece)
@@ -389,6 +390,8 @@ class QA:
                 continue  # could still become the sentinel
             held = False
             emit(filt.feed(so_far))
+        if hasattr(stream, "close"):
+            stream.close()  # after an early stop, let the backend record this call's usage
         text = "".join(raw).strip()
         if held and not text.startswith(SENTINEL):
             emit(filt.feed(text))  # the model stopped while its reply could still have been the sentinel

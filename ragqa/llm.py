@@ -142,13 +142,15 @@ class LlamaCppChat:
         kinds: dict[str, Callable[..., Any]] = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
         lc_messages = [kinds[m["role"]](content=m["content"]) for m in messages]
         completion = 0
-        for chunk in self.chat.stream(lc_messages, max_tokens=max_tokens):
-            text = chunk.content if isinstance(chunk.content, str) else ""
-            if text:
-                completion += 1
-                yield text
-        # llama.cpp's context now holds prompt + completion; streaming reports no usage of its own.
-        self.usage = {"prompt_tokens": max(0, self.client.n_tokens - completion), "completion_tokens": completion}
+        try:
+            for chunk in self.chat.stream(lc_messages, max_tokens=max_tokens):
+                text = chunk.content if isinstance(chunk.content, str) else ""
+                if text:
+                    completion += 1
+                    yield text
+        finally:  # also when the caller stops early (a refusal): usage must describe this call, not the last
+            # llama.cpp's context now holds prompt + completion; streaming reports no usage of its own.
+            self.usage = {"prompt_tokens": max(0, self.client.n_tokens - completion), "completion_tokens": completion}
 
 
 @contextlib.contextmanager
