@@ -1,11 +1,12 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from ragqa.config import Settings
 
-from .conftest import DEFAULT_MODEL, assert_one_line_error, run_cli
+from .conftest import DEFAULT_MODEL, ROOT, assert_one_line_error, run_cli
 
 
 def test_config_shows_values_and_sources(tmp_path: Path) -> None:
@@ -62,7 +63,10 @@ def test_ask_streams_and_prints_sources(corpus_settings: Settings) -> None:
            "RAGQA_MODEL": DEFAULT_MODEL}
     proc = run_cli("ask", "杰文斯悖论是什么？", env=env)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    assert any(ln.startswith("[1]") or ln.startswith("[2]") for ln in lines), proc.stdout
-    assert any(".txt:" in ln for ln in lines)
+    sources = re.findall(r"^\[(\d+)\] (\S+\.txt):(\d+)(?:-(\d+))?", proc.stdout, flags=re.MULTILINE)
+    assert sources, proc.stdout  # "[n] corpus/FILE:LINE-LINE" after the streamed answer
+    for n, path, first, last in sources:
+        assert f"[{n}]" in proc.stdout.split(f"[{n}] {path}")[0]  # the answer cites what the sources list
+        assert Path(path).name in {p.name for p in (ROOT / "corpus").iterdir()}
+        assert int(first) <= int(last or first)
     assert "first token" in proc.stderr
