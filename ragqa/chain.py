@@ -296,6 +296,8 @@ class QA:
         """Fail fast, before the user waits on a model load: missing index or model, embedder mismatch."""
         if self._llm is None and not self.settings.llm_url:
             models.resolve(self.settings.model, self.settings.models_dir, kind="llm")
+        elif self._llm is None:
+            _ = self.llm  # a model server is cheap to contact: a down one or a wrong name fails here, in seconds
         self.index.check_embedder()
         if not self.index.load_chunks():
             raise RagqaError(f"the index at {self.index.dir} is empty; run: ragqa ingest [PATH]")

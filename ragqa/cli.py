@@ -37,6 +37,12 @@ KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Passages given to t
 ChatFormatOpt = Annotated[str | None, typer.Option("--chat-format", help="llama-cpp-python chat format.")]
 GpuOpt = Annotated[int | None, typer.Option("--gpu-layers", help="Layers offloaded to the GPU (-1: all).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp and the embedder.")]
+LlmUrlOpt = Annotated[str | None, typer.Option(
+    "--llm-url", help="Answer through an OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1.")]
+LlmModelOpt = Annotated[str | None, typer.Option(
+    "--llm-model", help="Model name on that server (default: the one it serves).")]
+ApiKeyEnvOpt = Annotated[str | None, typer.Option(
+    "--api-key-env", help="Environment variable holding the server's API key.")]
 
 
 def settings_from(**flags: Any) -> Settings:
@@ -193,13 +199,17 @@ def ask(
     chat_format: ChatFormatOpt = None,
     gpu_layers: GpuOpt = None,
     threads: ThreadsOpt = None,
+    llm_url: LlmUrlOpt = None,
+    llm_model: LlmModelOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
 ) -> None:
     """Answer one question from the index, streaming, with [n] citations and their sources."""
     from ragqa.chain import QA, check_question
 
     check_question(question)
     settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
-                             gpu_layers=gpu_layers, threads=threads)
+                             gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
+                             api_key_env=api_key_env)
     qa = QA(settings)
     qa.prepare()
     if as_json:
@@ -227,12 +237,16 @@ def chat(
     chat_format: ChatFormatOpt = None,
     gpu_layers: GpuOpt = None,
     threads: ThreadsOpt = None,
+    llm_url: LlmUrlOpt = None,
+    llm_model: LlmModelOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
 ) -> None:
     """Multi-turn chat over the index; follow-ups are resolved against the conversation."""
     from ragqa.chain import QA
 
     settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
-                             gpu_layers=gpu_layers, threads=threads)
+                             gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
+                             api_key_env=api_key_env)
     qa = QA(settings)
     qa.prepare()
     with err.status("loading models…"):
@@ -291,6 +305,9 @@ def eval_cmd(
     chunk_size: Annotated[int | None, typer.Option(help="Chunk size in characters.")] = None,
     chunk_overlap: Annotated[int | None, typer.Option(help="Chunk overlap in characters.")] = None,
     threads: ThreadsOpt = None,
+    llm_url: LlmUrlOpt = None,
+    llm_model: LlmModelOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
 ) -> None:
     """Run an eval suite (JSONL) through the same path as `ragqa ask`, or compare two runs."""
     from ragqa import evals
@@ -305,7 +322,8 @@ def eval_cmd(
     from ragqa.chain import QA
 
     settings = settings_from(k=k, model=model, embedder=embedder, index=index, pipeline=pipeline,
-                             chunk_size=chunk_size, chunk_overlap=chunk_overlap, threads=threads)
+                             chunk_size=chunk_size, chunk_overlap=chunk_overlap, threads=threads,
+                             llm_url=llm_url, llm_model=llm_model, api_key_env=api_key_env)
     questions = evals.load_suite(Path(args[0]), limit=limit)
     qa = QA(settings)
     settings = qa.settings  # the baseline pipeline brings its own chunking, k and index

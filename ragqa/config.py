@@ -52,6 +52,7 @@ class Settings:
     # Remote services (scale-out).
     llm_url: str | None = None
     llm_model: str | None = None
+    llm_timeout: float = 120.0  # seconds a model server may stay silent; generous: CPU servers queue requests
     api_key_env: str | None = None
     chroma_url: str | None = None
     chroma_token_env: str | None = None

@@ -4,18 +4,24 @@ The chain only needs three things from a model: stream a chat reply as text piec
 the prompt in the context window), and report usage afterwards. A backend is a class with that shape,
 registered under a name in `BACKENDS`, the way simonw/llm registers model plugins; `load_llm` picks one
 from the settings. The llama.cpp backend is LangChain's `ChatLlamaCpp` (the chat-model interface over
-llama-cpp-python), so the chat template comes from the GGUF's own metadata.
+llama-cpp-python), so the chat template comes from the GGUF's own metadata. The "openai" backend is
+LangChain's `ChatOpenAI` pointed at any OpenAI-compatible server (llama.cpp's llama-server,
+llama-cpp-python's server, vLLM, Ollama), so the model can live in another process or on another machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
+import re
 import struct
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ragqa import models
 from ragqa.config import Settings
@@ -137,10 +143,7 @@ class LlamaCppChat:
         return len(self.client.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def stream(self, messages: list[Message], max_tokens: int) -> Iterator[str]:
-        from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-
-        kinds: dict[str, Callable[..., Any]] = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
-        lc_messages = [kinds[m["role"]](content=m["content"]) for m in messages]
+        lc_messages = _lc_messages(messages)
         completion = 0
         try:
             for chunk in self.chat.stream(lc_messages, max_tokens=max_tokens):
@@ -171,8 +174,282 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
+# ---- OpenAI-compatible servers ----------------------------------------------------------------------
+# Two retries with a short backoff: a restarting server gets a second chance, a down one fails in ~2 s.
+RETRY_DELAYS = (0.5, 1.5)
+CONNECT_TIMEOUT = 5.0
+_CJK_CHAR = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+T = TypeVar("T")
+
+
+def estimate_tokens(text: str) -> int:
+    """A guess that errs high, for servers that cannot tokenize: a CJK character ~1 token, other text ~3 chars."""
+    cjk = len(_CJK_CHAR.findall(text))
+    return cjk + math.ceil((len(text) - cjk) / 3)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def transport_failure(exc: BaseException, read_timeout: float) -> tuple[bool, str] | None:
+    """(safe to retry, reason) when `exc` means the server could not be reached or failed; None otherwise.
+
+    Retrying is only offered for failures before the server started answering: refused or timed-out
+    connections, dropped connections and 5xx/429 replies. A read timeout is not retried: the server took
+    the request and is still busy with it, and sending it again only lengthens its queue. Exceptions are
+    matched by class name along the cause chain, because the openai client raises httpx2's classes and
+    ragqa's own requests raise httpx's.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    names = {klass.__name__ for e in chain for klass in type(e).__mro__}
+    for e in chain:
+        response = getattr(e, "response", None)
+        status = getattr(e, "status_code", None) or getattr(response, "status_code", None)
+        if isinstance(status, int) and status >= 400:
+            return (True, f"HTTP {status}") if status >= 500 or status == 429 else None
+    if "ConnectTimeout" in names:
+        return True, "connection timed out"
+    if names & {"ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException", "APITimeoutError"}:
+        return False, f"no reply within {read_timeout:g} s; raise llm_timeout (RAGQA_LLM_TIMEOUT) if it is busy"
+    if "ConnectError" in names:
+        message = next(str(e) for e in chain if "ConnectError" in {k.__name__ for k in type(e).__mro__})
+        if "refused" in message.lower():
+            return True, "connection refused"
+        return True, _one_line(message.split("] ")[-1] or "cannot connect")
+    if names & {"RemoteProtocolError", "ReadError", "WriteError"}:
+        return True, "the connection was closed by the server"
+    if "APIConnectionError" in names:
+        return True, _one_line(f"connection failed: {chain[-1]}")
+    return None
+
+
+def with_retries(call: Callable[[], T], on_give_up: Callable[[BaseException, str], RagqaError],
+                 read_timeout: float, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run `call`, again after a short pause while it fails in a way that is safe to retry."""
+    for attempt in range(len(RETRY_DELAYS) + 1):
+        try:
+            return call()
+        except Exception as exc:
+            failure = transport_failure(exc, read_timeout)
+            if failure is None:
+                raise
+            retry, reason = failure
+            if not retry or attempt == len(RETRY_DELAYS):
+                raise on_give_up(exc, reason) from None
+            sleep(RETRY_DELAYS[attempt])
+    raise AssertionError("unreachable")
+
+
+class OpenAIChat:
+    """A model on an OpenAI-compatible chat server, through LangChain's ChatOpenAI, streaming.
+
+    The server is asked up front what it serves (GET /models): llama-cpp-python's server answers any model
+    name with its own model, so a typo would otherwise go unnoticed. Token counts come from the server's
+    tokenizer when it has an endpoint for it (llama-cpp-python: /extras/tokenize, llama-server and vLLM:
+    /tokenize), else from `estimate_tokens`; never from tiktoken, which would download its encodings.
+    The server does not say its context size through the OpenAI API, so `n_ctx` is the setting of that name:
+    set it to the server's context size (llama-server -c, vLLM --max-model-len).
+    """
+
+    def __init__(self, settings: Settings, sleep: Callable[[float], None] = time.sleep) -> None:
+        import httpx
+        import openai
+
+        url = (settings.llm_url or "").strip().rstrip("/")
+        if not re.match(r"https?://[^/\s]+", url):
+            raise RagqaError(f"--llm-url must be an http(s) URL such as http://127.0.0.1:8080/v1, not '{url}'")
+        self.url = url
+        self.timeout = float(settings.llm_timeout)
+        self._sleep = sleep
+        api_key = None
+        if settings.api_key_env:
+            api_key = os.environ.get(settings.api_key_env)
+            if not api_key:
+                raise RagqaError(f"the environment variable {settings.api_key_env} (named by --api-key-env) is not set")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT), headers=self._headers)
+        served = self._served_models()
+        if settings.llm_model and settings.llm_model not in served:
+            raise RagqaError(
+                f"the model server at {url} does not serve '{settings.llm_model}'; it serves: {', '.join(served)}"
+            )
+        self.model = settings.llm_model or served[0]
+        self.name = f"{self.model} @ {url}"
+        self.n_ctx = settings.n_ctx
+        self.usage: dict[str, int | None] = {"prompt_tokens": None, "completion_tokens": None}
+        self._tokenize = self._find_tokenizer()
+        self._counts: dict[str, int] = {}
+
+        self.chat = _server_chat_class()(
+            model=self.model,
+            base_url=url,
+            api_key=api_key or "not-needed",  # local servers ignore it; the client insists on one
+            timeout=openai.Timeout(self.timeout, connect=CONNECT_TIMEOUT),  # openai's own httpx (httpx2)
+            max_retries=0,  # retries are ours: only before the first token, see `stream`
+            temperature=settings.temperature,
+            max_tokens=settings.max_tokens,
+            seed=settings.seed,
+            streaming=True,
+            stream_usage=True,
+            use_responses_api=False,  # the Responses API is OpenAI's own; chat completions is what servers share
+        )
+
+    def _unreachable(self, exc: BaseException, reason: str) -> RagqaError:
+        return RagqaError(f"cannot reach the model server at {self.url} ({reason})")
+
+    def _not_openai(self, detail: str) -> RagqaError:
+        hint = "" if self.url.endswith("/v1") else f"; did you mean {self.url}/v1?"
+        return RagqaError(f"{self.url} is not an OpenAI-compatible API ({detail}){hint or '; check the URL'}")
+
+    def _served_models(self) -> list[str]:
+        def get() -> Any:
+            resp = self._http.get(self.url + "/models")
+            if resp.status_code >= 500 or resp.status_code == 429:
+                resp.raise_for_status()
+            return resp
+
+        resp = with_retries(get, self._unreachable, self.timeout, self._sleep)
+        if resp.status_code in (401, 403):
+            raise RagqaError(
+                f"the model server at {self.url} refused the request (HTTP {resp.status_code}); "
+                "pass --api-key-env VAR with the API key in $VAR"
+            )
+        if resp.status_code != 200:
+            raise self._not_openai(f"GET {self.url}/models: HTTP {resp.status_code}")
+        try:
+            ids = [str(m["id"]) for m in resp.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise self._not_openai(f"GET {self.url}/models did not return a model list") from None
+        if not ids:
+            raise RagqaError(f"the model server at {self.url} serves no model yet")
+        return ids
+
+    def _find_tokenizer(self) -> Callable[[str], int] | None:
+        """The server's own tokenizer endpoint, if it has one; probed once."""
+        root = self.url.removesuffix("/v1")
+        candidates = [  # llama-cpp-python's server; then llama.cpp's llama-server ("content") and vLLM ("prompt")
+            (root + "/extras/tokenize", lambda text: {"input": text, "model": self.model}),
+            (root + "/tokenize", lambda text: {"content": text, "prompt": text, "model": self.model}),
+        ]
+        for endpoint, body in candidates:
+            try:
+                resp = self._http.post(endpoint, json=body("probe"))
+                tokens = resp.json().get("tokens") if resp.status_code == 200 else None
+            except Exception:
+                continue
+            if isinstance(tokens, list) and tokens:
+
+                def count(text: str, endpoint: str = endpoint, body: Callable[[str], dict] = body) -> int:
+                    def post() -> Any:
+                        resp = self._http.post(endpoint, json=body(text))
+                        resp.raise_for_status()
+                        return resp
+
+                    return len(with_retries(post, self._unreachable, self.timeout, self._sleep).json()["tokens"])
+
+                return count
+        return None
+
+    def count_tokens(self, text: str) -> int:
+        if self._tokenize is None:
+            return estimate_tokens(text)
+        if text not in self._counts:
+            if len(self._counts) > 4096:
+                self._counts.clear()
+            self._counts[text] = self._tokenize(text)
+        return self._counts[text]
+
+    def _failed(self, exc: BaseException) -> RagqaError:
+        """One line for an error the server answered with (not a transport failure)."""
+        import openai
+
+        if isinstance(exc, openai.APIStatusError):
+            code, message = exc.status_code, _one_line(getattr(exc, "message", "") or str(exc))
+            if code in (401, 403):
+                return RagqaError(f"the model server at {self.url} refused the request (HTTP {code}); "
+                                  "pass --api-key-env VAR with the API key in $VAR")
+            if code == 404:
+                return RagqaError(f"the model server at {self.url} has no chat endpoint for '{self.model}' "
+                                  f"(HTTP 404: {message})")
+            if code == 400 and re.search(r"context|too long|exceed", message, re.IGNORECASE):
+                return RagqaError(f"the prompt does not fit the server's context ({message}); set n_ctx "
+                                  "(RAGQA_N_CTX) to the server's context size")
+            return RagqaError(f"the model server at {self.url} rejected the request (HTTP {code}: {message})")
+        return RagqaError(f"the model server at {self.url} failed: {type(exc).__name__}: {_one_line(str(exc))}")
+
+    def stream(self, messages: list[Message], max_tokens: int) -> Iterator[str]:
+        lc_messages = _lc_messages(messages)
+        completion = 0
+        reported: dict[str, Any] | None = None
+        try:
+            for attempt in range(len(RETRY_DELAYS) + 1):
+                started = False
+                try:
+                    with contextlib.closing(self.chat.stream(lc_messages, max_tokens=max_tokens)) as chunks:
+                        for chunk in chunks:
+                            if chunk.usage_metadata:
+                                reported = dict(chunk.usage_metadata)
+                            text = chunk.content if isinstance(chunk.content, str) else ""
+                            if text:
+                                started = True
+                                completion += 1
+                                yield text
+                    return
+                except Exception as exc:
+                    failure = transport_failure(exc, self.timeout)
+                    if started:  # never re-send: the user has already seen part of this answer
+                        reason = failure[1] if failure else _one_line(str(exc))
+                        raise RagqaError(f"the model server at {self.url} stopped mid-answer ({reason})") from None
+                    if failure is None:
+                        raise self._failed(exc) from None
+                    if not failure[0] or attempt == len(RETRY_DELAYS):
+                        raise self._unreachable(exc, failure[1]) from None
+                    self._sleep(RETRY_DELAYS[attempt])
+        finally:  # also when the caller stops early (a refusal): usage must describe this call
+            if reported and reported.get("input_tokens"):
+                self.usage = {"prompt_tokens": reported["input_tokens"], "completion_tokens": reported["output_tokens"]}
+            else:  # the server streams no usage (llama-cpp-python): its tokenizer over the messages, ~5 per turn
+                prompt: int | None = None
+                with contextlib.suppress(Exception):
+                    prompt = sum(self.count_tokens(m["content"]) + 5 for m in messages)
+                self.usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+@functools.cache
+def _server_chat_class() -> type:
+    """ChatOpenAI, but sending the answer budget as `max_tokens`, the field every chat server reads.
+
+    ChatOpenAI renames it to OpenAI's newer `max_completion_tokens`, which llama-cpp-python's server
+    silently ignores: answers would then run on to the end of the context.
+    """
+    from langchain_openai import ChatOpenAI
+
+    class ServerChatOpenAI(ChatOpenAI):
+        def _get_request_payload(self, input_: Any, *, stop: list[str] | None = None, **kwargs: Any) -> dict:
+            payload = super()._get_request_payload(input_, stop=stop, **kwargs)
+            if "max_completion_tokens" in payload:
+                payload["max_tokens"] = payload.pop("max_completion_tokens")
+            return payload
+
+    return ServerChatOpenAI
+
+
+def _lc_messages(messages: list[Message]) -> list[Any]:
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    kinds: dict[str, Callable[..., Any]] = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
+    return [kinds[m["role"]](content=m["content"]) for m in messages]
+
+
 BACKENDS: dict[str, Callable[[Settings], ChatModel]] = {
     "llama-cpp": LlamaCppChat,
+    "openai": OpenAIChat,
 }
 
 

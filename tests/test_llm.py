@@ -1,13 +1,30 @@
+import json
+import socket
 import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from ragqa import models
+from ragqa.config import Settings
 from ragqa.errors import RagqaError
-from ragqa.llm import LlamaCppChat, gguf_metadata
+from ragqa.llm import RETRY_DELAYS, LlamaCppChat, OpenAIChat, estimate_tokens, gguf_metadata
 
-from .conftest import make_settings
+from .conftest import (
+    SMALL_MODEL,
+    assert_one_line_error,
+    free_port,
+    make_settings,
+    run_cli,
+    stop_process,
+    wait_for_http,
+)
 
 
 def _tiny_gguf(path: Path, arch: str) -> Path:
@@ -54,3 +71,294 @@ def test_real_model_streams_and_reports_usage(models_dir: Path) -> None:
     assert llm.usage["completion_tokens"] == len(pieces)
     assert llm.usage["prompt_tokens"] and llm.usage["prompt_tokens"] > 3
     assert llm.count_tokens("hello world") >= 2
+
+
+# ---- OpenAI-compatible servers: logic against a scripted HTTP server on loopback ------------------------
+class Scripted:
+    """A scripted HTTP/1.1 server: each "METHOD /path" has a list of replies used in turn (the last repeats)."""
+
+    def __init__(self, routes: dict[str, list[Callable[[BaseHTTPRequestHandler], None]]]) -> None:
+        self.routes = routes
+        self.seen: list[tuple[str, dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def handle_one(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = f"{self.command} {self.path}"
+                outer.seen.append((key, {k.lower(): v for k, v in self.headers.items()}, body))
+                replies = outer.routes.get(key) or [reply_json(404, {"detail": "Not Found"})]
+                reply = replies[0] if len(replies) == 1 else replies.pop(0)
+                try:
+                    reply(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first: what the timeout tests want
+
+            do_GET = do_POST = handle_one
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self, key: str) -> int:
+        return sum(1 for k, _, _ in self.seen if k == key)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def reply_json(status: int, obj: object) -> Callable[[BaseHTTPRequestHandler], None]:
+    def send(h: BaseHTTPRequestHandler) -> None:
+        data = json.dumps(obj).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    return send
+
+
+def reply_sse(pieces: list[str], drop: bool = False, delay: float = 0.0) -> Callable[[BaseHTTPRequestHandler], None]:
+    """A chat-completions stream, chunked; `drop` cuts the connection after the pieces, mid-body."""
+
+    def send(h: BaseHTTPRequestHandler) -> None:
+        time.sleep(delay)
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        events = [{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                   "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces]
+        for event in events:
+            data = f"data: {json.dumps(event)}\n\n".encode()
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            h.wfile.flush()
+        if drop:
+            h.wfile.write(b"ff\r\ndata: {")
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        done = b"data: [DONE]\n\n"
+        h.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+
+    return send
+
+
+MODELS = reply_json(200, {"object": "list", "data": [{"id": "tiny-model", "object": "model"}]})
+
+
+@pytest.fixture
+def scripted():
+    servers: list[Scripted] = []
+
+    def start(routes: dict) -> Scripted:
+        servers.append(Scripted(routes))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def openai_chat(url: str, sleeps: list[float] | None = None, **settings: object) -> OpenAIChat:
+    record = sleeps.append if sleeps is not None else (lambda _: None)
+    return OpenAIChat(make_settings(llm_url=url, **settings), sleep=record)
+
+
+def test_estimate_tokens_counts_cjk_per_character() -> None:
+    assert estimate_tokens("杰文斯悖论") == 5
+    assert estimate_tokens("abcdef") == 2
+    assert estimate_tokens("效率 up") >= 3
+
+
+def test_down_server_fails_after_bounded_retries() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    sleeps: list[float] = []
+    with pytest.raises(RagqaError, match=r"cannot reach the model server at .* \(connection refused\)") as info:
+        openai_chat(url, sleeps)
+    assert sleeps == list(RETRY_DELAYS) and url in str(info.value)
+
+
+def test_5xx_is_retried_then_succeeds(scripted) -> None:
+    busy = reply_json(503, {"error": "loading"})
+    server = scripted({"GET /v1/models": [busy, busy, MODELS]})
+    sleeps: list[float] = []
+    llm = openai_chat(server.url, sleeps)
+    assert llm.name == f"tiny-model @ {server.url}" and server.count("GET /v1/models") == 3
+    assert sleeps == list(RETRY_DELAYS)
+
+
+def test_persistent_5xx_gives_up_with_the_status(scripted) -> None:
+    server = scripted({"GET /v1/models": [reply_json(500, {"error": "boom"})]})
+    with pytest.raises(RagqaError, match=r"cannot reach .* \(HTTP 500\)"):
+        openai_chat(server.url)
+    assert server.count("GET /v1/models") == 1 + len(RETRY_DELAYS)
+
+
+def test_not_an_openai_server_is_named_without_retrying(scripted) -> None:
+    server = scripted({})
+    with pytest.raises(RagqaError, match=r"is not an OpenAI-compatible API \(GET .*/models: HTTP 404\)"):
+        openai_chat(server.url)
+    assert server.count("GET /v1/models") == 1
+    html = scripted({"GET /models": [reply_json(200, ["not", "a", "model", "list"])]})
+    with pytest.raises(RagqaError, match=r"did not return a model list.*did you mean .*/v1\?"):
+        openai_chat(html.url.removesuffix("/v1"))
+
+
+def test_unknown_model_lists_what_the_server_serves(scripted) -> None:
+    server = scripted({"GET /v1/models": [MODELS]})
+    with pytest.raises(RagqaError, match=r"does not serve 'gpt-9'; it serves: tiny-model"):
+        openai_chat(server.url, llm_model="gpt-9")
+
+
+def test_api_key_comes_from_the_named_variable(scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = scripted({"GET /v1/models": [MODELS], "POST /v1/chat/completions": [reply_sse(["ok"])]})
+    with pytest.raises(RagqaError, match="RAGQA_TEST_KEY"):
+        openai_chat(server.url, api_key_env="RAGQA_TEST_KEY")
+    monkeypatch.setenv("RAGQA_TEST_KEY", "sekrit")
+    llm = openai_chat(server.url, api_key_env="RAGQA_TEST_KEY")
+    assert "".join(llm.stream([{"role": "user", "content": "hi"}], max_tokens=8)) == "ok"
+    assert all(h.get("authorization") == "Bearer sekrit" for _, h, _ in server.seen)
+
+
+def test_stream_retries_only_before_the_first_token(scripted) -> None:
+    chat = "POST /v1/chat/completions"
+    busy = reply_json(503, {"error": "busy"})
+    server = scripted({"GET /v1/models": [MODELS], chat: [busy, reply_sse(["杰文斯", "悖论"])]})
+    sleeps: list[float] = []
+    llm = openai_chat(server.url, sleeps)
+    assert list(llm.stream([{"role": "user", "content": "问题"}], max_tokens=8)) == ["杰文斯", "悖论"]
+    assert server.count(chat) == 2 and sleeps == [RETRY_DELAYS[0]]
+    assert llm.usage["completion_tokens"] == 2 and llm.usage["prompt_tokens"] >= estimate_tokens("问题")
+    request = json.loads(server.seen[-1][2])
+    assert request["model"] == "tiny-model" and request["stream"] is True and request["temperature"] == 0
+    assert request["max_tokens"] == 8 and "max_completion_tokens" not in request  # the field servers read
+
+    cut = scripted({"GET /v1/models": [MODELS], chat: [reply_sse(["The answer", " is"], drop=True)]})
+    llm = openai_chat(cut.url)
+    got: list[str] = []
+    with pytest.raises(RagqaError, match="stopped mid-answer"):
+        for piece in llm.stream([{"role": "user", "content": "q"}], max_tokens=8):
+            got.append(piece)
+    assert got == ["The answer", " is"] and cut.count(chat) == 1  # never re-sent after tokens reached the user
+
+
+def test_silent_server_times_out_without_resending(scripted) -> None:
+    chat = "POST /v1/chat/completions"
+    server = scripted({"GET /v1/models": [MODELS], chat: [reply_sse(["late"], delay=3)]})
+    llm = openai_chat(server.url, llm_timeout=0.5)
+    with pytest.raises(RagqaError, match=r"cannot reach .* \(no reply within 0.5 s"):
+        list(llm.stream([{"role": "user", "content": "q"}], max_tokens=8))
+    assert server.count(chat) == 1
+
+
+def test_chat_errors_from_the_server_are_one_line(scripted) -> None:
+    chat = "POST /v1/chat/completions"
+    overflow = reply_json(400, {"error": {"message": "Requested tokens (9000) exceed context window of 2048"}})
+    server = scripted({"GET /v1/models": [MODELS], chat: [overflow]})
+    with pytest.raises(RagqaError, match=r"does not fit the server's context .* set n_ctx") as info:
+        list(openai_chat(server.url).stream([{"role": "user", "content": "q"}], max_tokens=8))
+    assert "\n" not in str(info.value) and server.count(chat) == 1
+
+
+def test_server_tokenizer_is_used_when_offered(scripted) -> None:
+    tokens = reply_json(200, {"tokens": [1, 2, 3, 4]})
+    server = scripted({"GET /v1/models": [MODELS], "POST /tokenize": [tokens]})
+    llm = openai_chat(server.url)
+    assert llm.count_tokens("任何文本") == 4
+    assert json.loads(server.seen[-1][2])["content"] == "任何文本"
+    plain = scripted({"GET /v1/models": [MODELS]})
+    assert openai_chat(plain.url).count_tokens("任何文本 and more") == estimate_tokens("任何文本 and more")
+
+
+# ---- a real llama-cpp-python OpenAI-compatible server on loopback -----------------------------------------
+@pytest.fixture(scope="module")
+def llama_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`python -m llama_cpp.server` with the small model, started once for this module and stopped after."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    gguf = models.final_path(models.REGISTRY[SMALL_MODEL], models_dir)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", SMALL_MODEL,
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "2",
+             "--n_batch", "512", "--verbose", "False"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_for_http(url + "/models", proc, log)
+        yield url
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.slow
+def test_ask_answers_through_a_llama_cpp_server(llama_server: str, corpus_settings: Settings) -> None:
+    env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
+           "RAGQA_MAX_TOKENS": "64"}
+    proc = run_cli("ask", "杰文斯悖论是谁提出的？", "--json", "--llm-url", llama_server, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["model"] == f"{SMALL_MODEL} @ {llama_server}"
+    assert result["answer"] and result["refused"] is False and result["citations"], result
+    for c in result["citations"]:
+        r = result["retrieved"][c["n"] - 1]
+        assert (c["source"], c["start"], c["end"]) == (r["source"], r["start"], r["end"])
+        assert Path(c["source"]).read_text(encoding="utf-8")[c["start"] : c["end"]] == c["text"]
+    assert result["timings"]["completion_tokens"] > 0 and result["timings"]["prompt_tokens"] > 100
+
+
+@pytest.mark.slow
+def test_backend_uses_the_servers_tokenizer_and_streams_english(llama_server: str, models_dir: Path) -> None:
+    llm = OpenAIChat(make_settings(llm_url=llama_server, max_tokens=16))
+    local = LlamaCppChat(make_settings(model=SMALL_MODEL, models=models_dir))
+    for text in ("The Jevons paradox", "杰文斯悖论是谁提出的？"):
+        assert abs(llm.count_tokens(text) - local.count_tokens(text)) <= 1  # the server may add a BOS token
+    pieces = list(llm.stream([{"role": "user", "content": "Say hello in English."}], max_tokens=16))
+    assert len(pieces) >= 2 and "".join(pieces).strip()
+    assert llm.usage["completion_tokens"] == len(pieces) and llm.usage["prompt_tokens"] > 3
+
+
+@pytest.mark.slow
+def test_unknown_model_and_wrong_path_on_a_real_server_are_one_line(llama_server: str, tmp_path: Path) -> None:
+    env = {"RAGQA_INDEX": str(tmp_path / "idx")}
+    proc = run_cli("ask", "问题？", "--llm-url", llama_server, "--llm-model", "gpt-4o", env=env)
+    assert_one_line_error(proc, "does not serve 'gpt-4o'", f"it serves: {SMALL_MODEL}")
+    root = llama_server.removesuffix("/v1")
+    proc = run_cli("ask", "问题？", "--llm-url", root, env=env)
+    assert_one_line_error(proc, "not an OpenAI-compatible API", "HTTP 404", f"did you mean {llama_server}?")
+
+
+def test_cli_down_server_and_non_openai_server_are_one_line(tmp_path: Path, scripted) -> None:
+    env = {"RAGQA_INDEX": str(tmp_path / "idx")}
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    proc = run_cli("ask", "问题？", "--llm-url", down, env=env)
+    assert_one_line_error(proc, f"cannot reach the model server at {down} (connection refused)")
+    web = scripted({"GET /": [reply_json(200, {"hello": "world"})]})  # a web server, but no OpenAI API
+    proc = run_cli("ask", "What is it?", "--llm-url", web.url, env=env)
+    assert_one_line_error(proc, f"{web.url} is not an OpenAI-compatible API", "HTTP 404")
+    proc = run_cli("ask", "What is it?", "--llm-url", "ftp://example/v1", env=env)
+    assert_one_line_error(proc, "must be an http(s) URL")
+
+
+def test_openai_backend_never_touches_tiktoken(scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tiktoken
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tiktoken would download its encodings")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_download)
+    monkeypatch.setattr(tiktoken, "encoding_for_model", no_download)
+    server = scripted({"GET /v1/models": [MODELS], "POST /v1/chat/completions": [reply_sse(["好"])]})
+    llm = openai_chat(server.url)
+    assert llm.count_tokens("杰文斯悖论") == 5 and list(llm.stream([{"role": "user", "content": "q"}], 4)) == ["好"]
