@@ -352,6 +352,39 @@ def eval_cmd(
         raise typer.Exit(130)
 
 
+# ---- serve -------------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback is reachable "
+                                      "by others, without auth.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one).")] = 8000,
+    k: KOpt = None,
+    model: ModelOpt = None,
+    index: IndexOpt = None,
+    embedder: EmbedderOpt = None,
+    chat_format: ChatFormatOpt = None,
+    gpu_layers: GpuOpt = None,
+    threads: ThreadsOpt = None,
+    llm_url: LlmUrlOpt = None,
+    llm_model: LlmModelOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+) -> None:
+    """HTTP API: POST /ask and /ask/stream, GET /health. Models load once; requests take turns."""
+    from ragqa.serve import serve as run_server
+
+    settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
+                             gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
+                             api_key_env=api_key_env)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach it can ask (there is no auth)")
+
+    def ready(bound: int) -> None:
+        err.print(f"ragqa serving on http://{host}:{bound} (POST /ask, POST /ask/stream, GET /health); Ctrl-C stops")
+
+    err.print("[dim]loading models…[/]")
+    run_server(settings, host=host, port=port, on_ready=ready)
+
+
 # ---- setup / config ----------------------------------------------------------------------------------
 @app.command()
 def setup(
