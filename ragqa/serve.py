@@ -84,6 +84,8 @@ class QAService:
         when the client disconnects, the next token raises inside the pipeline and ends it.
         """
         question = check_question(question)
+        if self._waiting >= self.max_waiting:  # a 503 now, rather than an error line inside a 200 later
+            raise Busy(f"{self._waiting} requests are already waiting; try again later")
         pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
         gone = threading.Event()
 
