@@ -17,6 +17,7 @@ from ragqa.errors import RagqaError
 from ragqa.llm import RETRY_DELAYS, LlamaCppChat, OpenAIChat, estimate_tokens, gguf_metadata
 
 from .conftest import (
+    ROOT,
     SMALL_MODEL,
     assert_one_line_error,
     free_port,
@@ -327,6 +328,21 @@ def test_backend_uses_the_servers_tokenizer_and_streams_english(llama_server: st
     pieces = list(llm.stream([{"role": "user", "content": "Say hello in English."}], max_tokens=16))
     assert len(pieces) >= 2 and "".join(pieces).strip()
     assert llm.usage["completion_tokens"] == len(pieces) and llm.usage["prompt_tokens"] > 3
+
+
+@pytest.mark.slow
+def test_eval_records_the_server_model(llama_server: str, corpus_settings: Settings, tmp_path: Path) -> None:
+    env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
+           "RAGQA_CORPUS": str(ROOT / "corpus"), "RAGQA_MAX_TOKENS": "32"}
+    out = tmp_path / "run"
+    proc = run_cli("eval", str(ROOT / "evals" / "corpus_qa.jsonl"), "--limit", "1", "--llm-url", llama_server,
+                   "--out", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["config"]["model"] == f"{SMALL_MODEL} @ {llama_server}"
+    assert summary["config"]["llm_url"] == llama_server
+    record = json.loads((out / "results.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert record["model"] == f"{SMALL_MODEL} @ {llama_server}" and record["answer"]
 
 
 @pytest.mark.slow
