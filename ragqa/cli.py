@@ -37,6 +37,10 @@ KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Passages given to t
 ChatFormatOpt = Annotated[str | None, typer.Option("--chat-format", help="llama-cpp-python chat format.")]
 GpuOpt = Annotated[int | None, typer.Option("--gpu-layers", help="Layers offloaded to the GPU (-1: all).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp and the embedder.")]
+ChromaUrlOpt = Annotated[
+    str | None,
+    typer.Option("--chroma-url", help="Vectors on a Chroma server (`chroma run`), e.g. http://HOST:PORT."),
+]
 
 
 def settings_from(**flags: Any) -> Settings:
@@ -122,10 +126,11 @@ def ingest(
     chunk_overlap: Annotated[int | None, typer.Option(help="Chunk overlap in characters.")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Drop the index and build it anew.")] = False,
     threads: ThreadsOpt = None,
+    chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """Index documents: only new and changed files are embedded; deleted files are dropped."""
     settings = settings_from(index=index, embedder=embedder, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
-                             threads=threads)
+                             threads=threads, chroma_url=chroma_url)
     run_ingest(settings, paths or [settings.corpus], rebuild=rebuild)
 
 
@@ -193,13 +198,14 @@ def ask(
     chat_format: ChatFormatOpt = None,
     gpu_layers: GpuOpt = None,
     threads: ThreadsOpt = None,
+    chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """Answer one question from the index, streaming, with [n] citations and their sources."""
     from ragqa.chain import QA, check_question
 
     check_question(question)
     settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
-                             gpu_layers=gpu_layers, threads=threads)
+                             gpu_layers=gpu_layers, threads=threads, chroma_url=chroma_url)
     qa = QA(settings)
     qa.prepare()
     if as_json:
@@ -227,12 +233,13 @@ def chat(
     chat_format: ChatFormatOpt = None,
     gpu_layers: GpuOpt = None,
     threads: ThreadsOpt = None,
+    chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """Multi-turn chat over the index; follow-ups are resolved against the conversation."""
     from ragqa.chain import QA
 
     settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
-                             gpu_layers=gpu_layers, threads=threads)
+                             gpu_layers=gpu_layers, threads=threads, chroma_url=chroma_url)
     qa = QA(settings)
     qa.prepare()
     with err.status("loading models…"):
@@ -291,6 +298,7 @@ def eval_cmd(
     chunk_size: Annotated[int | None, typer.Option(help="Chunk size in characters.")] = None,
     chunk_overlap: Annotated[int | None, typer.Option(help="Chunk overlap in characters.")] = None,
     threads: ThreadsOpt = None,
+    chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """Run an eval suite (JSONL) through the same path as `ragqa ask`, or compare two runs."""
     from ragqa import evals
@@ -305,7 +313,8 @@ def eval_cmd(
     from ragqa.chain import QA
 
     settings = settings_from(k=k, model=model, embedder=embedder, index=index, pipeline=pipeline,
-                             chunk_size=chunk_size, chunk_overlap=chunk_overlap, threads=threads)
+                             chunk_size=chunk_size, chunk_overlap=chunk_overlap, threads=threads,
+                             chroma_url=chroma_url)
     questions = evals.load_suite(Path(args[0]), limit=limit)
     qa = QA(settings)
     settings = qa.settings  # the baseline pipeline brings its own chunking, k and index
