@@ -522,6 +522,7 @@ class _LazyEmbeddings:
 # Bounds on every request to a Chroma server: chromadb's own HTTP client waits forever (timeout=None),
 # so a hung or firewalled server would hang `ragqa ask` with it.
 CONNECT_TIMEOUT_S = 5.0
+HEARTBEAT_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 60.0
 
 
@@ -563,10 +564,10 @@ def _http_client(settings: Settings, chroma_settings: Any) -> Any:
     except ValueError:
         raise RagqaError(f"--chroma-url has an invalid port: {raw!r}") from None
     headers = _token_headers(settings)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
     base = f"{url.scheme}://{url.hostname}:{port}"
     try:
-        resp = httpx.get(f"{base}/api/v2/heartbeat", headers=headers, timeout=timeout)
+        resp = httpx.get(f"{base}/api/v2/heartbeat", headers=headers,
+                         timeout=httpx.Timeout(HEARTBEAT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
     except httpx.HTTPError as exc:
         raise RagqaError(
             f"cannot reach the Chroma server at {raw} ({_first_line(exc)}); start it with: "
@@ -585,5 +586,5 @@ def _http_client(settings: Settings, chroma_settings: Any) -> Any:
     )
     session = getattr(getattr(client, "_server", None), "_session", None)
     if isinstance(session, httpx.Client):  # private in chromadb 1.5; without it requests stay unbounded
-        session.timeout = timeout
+        session.timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
     return client

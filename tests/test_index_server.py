@@ -132,6 +132,19 @@ def test_down_server_is_one_line_at_ingest(tmp_path: Path) -> None:
     assert_one_line_error(proc, f"cannot reach the Chroma server at {url}", "chroma run")
 
 
+def test_hung_server_fails_in_bounded_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts the connection and never answers: chromadb alone would wait forever."""
+    import ragqa.index
+
+    monkeypatch.setattr(ragqa.index, "HEARTBEAT_TIMEOUT_S", 0.5)
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        with pytest.raises(RagqaError, match=f"cannot reach the Chroma server at {url}.*timed out"):
+            Index(_settings(tmp_path, url)).ingest([_docs(tmp_path)])
+
+
 def test_missing_token_variable_is_one_line(tmp_path: Path) -> None:
     docs = _docs(tmp_path)
     env = {"RAGQA_CHROMA_TOKEN_ENV": "RAGQA_TEST_NO_SUCH_TOKEN"}
