@@ -43,6 +43,10 @@ LlmModelOpt = Annotated[str | None, typer.Option(
     "--llm-model", help="Model name on that server (default: the one it serves).")]
 ApiKeyEnvOpt = Annotated[str | None, typer.Option(
     "--api-key-env", help="Environment variable holding the server's API key.")]
+ChromaUrlOpt = Annotated[
+    str | None,
+    typer.Option("--chroma-url", help="Vectors on a Chroma server (`chroma run`), e.g. http://HOST:PORT."),
+]
 
 
 def settings_from(**flags: Any) -> Settings:
@@ -128,10 +132,11 @@ def ingest(
     chunk_overlap: Annotated[int | None, typer.Option(help="Chunk overlap in characters.")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Drop the index and build it anew.")] = False,
     threads: ThreadsOpt = None,
+    chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """Index documents: only new and changed files are embedded; deleted files are dropped."""
     settings = settings_from(index=index, embedder=embedder, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
-                             threads=threads)
+                             threads=threads, chroma_url=chroma_url)
     run_ingest(settings, paths or [settings.corpus], rebuild=rebuild)
 
 
@@ -202,6 +207,7 @@ def ask(
     llm_url: LlmUrlOpt = None,
     llm_model: LlmModelOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
+    chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """Answer one question from the index, streaming, with [n] citations and their sources."""
     from ragqa.chain import QA, check_question
@@ -209,7 +215,7 @@ def ask(
     check_question(question)
     settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
                              gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
-                             api_key_env=api_key_env)
+                             api_key_env=api_key_env, chroma_url=chroma_url)
     qa = QA(settings)
     qa.prepare()
     if as_json:
@@ -240,13 +246,14 @@ def chat(
     llm_url: LlmUrlOpt = None,
     llm_model: LlmModelOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
+    chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """Multi-turn chat over the index; follow-ups are resolved against the conversation."""
     from ragqa.chain import QA
 
     settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
                              gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
-                             api_key_env=api_key_env)
+                             api_key_env=api_key_env, chroma_url=chroma_url)
     qa = QA(settings)
     qa.prepare()
     with err.status("loading models…"):
@@ -308,6 +315,7 @@ def eval_cmd(
     llm_url: LlmUrlOpt = None,
     llm_model: LlmModelOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
+    chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """Run an eval suite (JSONL) through the same path as `ragqa ask`, or compare two runs."""
     from ragqa import evals
@@ -323,7 +331,7 @@ def eval_cmd(
 
     settings = settings_from(k=k, model=model, embedder=embedder, index=index, pipeline=pipeline,
                              chunk_size=chunk_size, chunk_overlap=chunk_overlap, threads=threads,
-                             llm_url=llm_url, llm_model=llm_model, api_key_env=api_key_env)
+                             llm_url=llm_url, llm_model=llm_model, api_key_env=api_key_env, chroma_url=chroma_url)
     questions = evals.load_suite(Path(args[0]), limit=limit)
     qa = QA(settings)
     settings = qa.settings  # the baseline pipeline brings its own chunking, k and index

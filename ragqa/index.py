@@ -22,6 +22,7 @@ import shutil
 import sqlite3
 import time
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class Index:
         self.state_path = self.dir / "state.sqlite"
         self._embedder: Any = embedder  # injectable, so several indexes in one process share one model
         self._store: Any = None
+        self._collection: str | None = None
+        self._checked_vectors = False
         self._chunks: dict[str, Chunk] | None = None
         self._bm25: Any = None
         self._bm25_ids: list[str] = []
@@ -203,9 +206,49 @@ class Index:
             )
         return self._embedder
 
-    def _collection_name(self) -> str:
+    def _legacy_collection_name(self) -> str:
+        """The name indexes built before the name was stored in the state use (derived from the path)."""
         digest = hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:10]
         return f"ragqa-{digest}"
+
+    def _collection_name(self) -> str:
+        """The collection named in the state: random per index, so indexes of two machines that share a
+        Chroma server (even at the same path) never share a collection, and a moved index keeps its own."""
+        if self._collection is None:
+            name = self.meta().get("collection") if self.exists() else None
+            self._collection = name or self._legacy_collection_name()
+        return self._collection
+
+    def _where(self) -> str:
+        return self.settings.chroma_url or str(self.dir / "chroma")
+
+    @contextmanager
+    def _vector_op(self, action: str) -> Iterator[None]:
+        """Every call into the vector store: a lost server becomes one clear line, not a traceback."""
+        try:
+            yield
+        except RagqaError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - chromadb and httpx raise many unrelated types
+            if self.settings.chroma_url and _is_unreachable(exc):
+                raise RagqaError(
+                    f"cannot reach the Chroma server at {self.settings.chroma_url} ({_first_line(exc)}); "
+                    f"is `chroma run` up?"
+                ) from None
+            raise RagqaError(f"{action} failed: {_first_line(exc)}") from None
+
+    def vector_ids(self) -> set[str]:
+        """Every id in this index's collection, live or orphan (ids only: nothing is embedded)."""
+        collection = self.store._collection  # ids-only listing is not part of the LangChain interface
+        ids: set[str] = set()
+        offset = 0
+        with self._vector_op("listing vectors"):
+            while True:
+                got = collection.get(include=[], limit=5000, offset=offset)["ids"]
+                if not got:
+                    return ids
+                ids.update(got)
+                offset += len(got)
 
     @property
     def store(self) -> Any:
@@ -216,7 +259,7 @@ class Index:
             from langchain_chroma import Chroma
 
             chroma_settings = ChromaSettings(anonymized_telemetry=False)
-            try:
+            with self._vector_op(f"opening the vector store at {self._where()}"):
                 if self.settings.chroma_url:
                     client = _http_client(self.settings, chroma_settings)
                 else:
@@ -227,11 +270,6 @@ class Index:
                     client=client,
                     collection_metadata={"hnsw:space": "cosine"},
                 )
-            except RagqaError:
-                raise
-            except Exception as exc:
-                where = self.settings.chroma_url or self.dir / "chroma"
-                raise RagqaError(f"cannot open the vector store at {where}: {str(exc).splitlines()[0][:200]}") from None
         return self._store
 
     # ---- ingest ------------------------------------------------------------------------------------
@@ -278,6 +316,21 @@ class Index:
                 # A change of chunking invalidates every file's chunks: treat all as changed.
                 same_chunking = all(meta.get(k) == v for k, v in settings_meta.items()) if meta else True
                 known = {p: s for p, s, _ in con.execute("SELECT path, sha256, n_chunks FROM files")}
+                if meta.get("collection"):
+                    self._collection = meta["collection"]
+                else:
+                    # Named before any vector is written, so vectors of a crashed first run are not
+                    # stranded in a collection no state refers to.
+                    name = self._legacy_collection_name() if known else f"ragqa-{uuid.uuid4().hex[:16]}"
+                    con.execute("INSERT OR REPLACE INTO meta VALUES ('collection', ?)", (name,))
+                    self._collection, self._store = name, None
+                # Listed once: unchanged files whose vectors the store lost (a server reset, a deleted
+                # chroma/ folder) are embedded again, and whatever is not live afterwards is garbage.
+                present = self.vector_ids()
+                live_by_file: dict[str, list[str]] = {}
+                for cid, src in con.execute("SELECT id, source FROM chunks"):
+                    live_by_file.setdefault(src, []).append(cid)
+                restored = 0
                 files = list(iter_files(paths))
                 plan: list[tuple[str, str, str]] = []  # (path, sha, text)
                 seen: set[str] = set()
@@ -296,8 +349,10 @@ class Index:
                         continue
                     digest = _sha256(data)
                     if known.get(key) == digest and same_chunking:
-                        report.files_unchanged += 1
-                        continue
+                        if all(i in present for i in live_by_file.get(key, ())):
+                            report.files_unchanged += 1
+                            continue
+                        restored += 1
                     try:
                         text = load_text(path)
                     except SkipFile as exc:
@@ -308,6 +363,9 @@ class Index:
                         continue
                     plan.append((key, digest, text))
                 progress.files(len(files), len(files), "")
+                if restored:
+                    progress.warn(f"{restored} unchanged file(s) had vectors missing from {self._where()}; "
+                                  "embedding them again")
                 # Gone: under a root we scanned and not seen, or no longer on disk at all (a folder that was
                 # deleted or moved away since an earlier ingest leaves no vectors behind either).
                 removed = [
@@ -362,7 +420,7 @@ class Index:
                 report.chunks_total = len(live)
             finally:
                 con.close()
-            self._collect_garbage(live)
+            self._collect_garbage(present - live)
         self._chunks = None
         self._bm25 = None
         report.seconds = time.perf_counter() - t0
@@ -376,45 +434,32 @@ class Index:
         progress.chunks(0, len(order))
         for i in range(0, len(order), batch):
             part = order[i : i + batch]
-            try:
+            with self._vector_op("writing vectors"):
                 self.store.add_texts(
                     texts=[c.text for c in part],
                     metadatas=[c.metadata for c in part],
                     ids=[c.id for c in part],
                 )
-            except RagqaError:
-                raise
-            except Exception as exc:
-                raise RagqaError(f"writing vectors failed: {str(exc).splitlines()[0][:200]}") from None
             progress.chunks(min(i + batch, len(order)), len(order))
 
-    def _collect_garbage(self, live: set[str]) -> None:
+    def _collect_garbage(self, stale: set[str]) -> None:
         """Delete vectors that no committed state refers to (replaced files, deleted files, crashed runs)."""
-        collection = self.store._collection  # ids-only listing is not part of the LangChain interface
-        stale: list[str] = []
-        offset = 0
-        while True:
-            got = collection.get(include=[], limit=5000, offset=offset)
-            ids = got["ids"]
-            if not ids:
-                break
-            stale.extend(i for i in ids if i not in live)
-            offset += len(ids)
-        for i in range(0, len(stale), 5000):
-            collection.delete(ids=stale[i : i + 5000])
+        ids = sorted(stale)
+        with self._vector_op("deleting old vectors"):
+            for i in range(0, len(ids), 5000):
+                self.store._collection.delete(ids=ids[i : i + 5000])
 
     def _wipe(self) -> None:
         """--rebuild: start from nothing (also the way out of a corrupt index)."""
         if self.settings.chroma_url:
             try:
                 self.store.delete_collection()
-            except Exception:  # noqa: BLE001 - a missing collection is fine here
+            except Exception:  # noqa: BLE001 - a missing collection (or server) is fine here
                 pass
-            self._store = None
+        self._store, self._collection = None, None
         for name in ("state.sqlite", "state.sqlite-wal", "state.sqlite-shm"):
             (self.dir / name).unlink(missing_ok=True)
         shutil.rmtree(self.dir / "chroma", ignore_errors=True)
-        self._store = None
 
     # ---- search ------------------------------------------------------------------------------------
     def dense_search(self, query_vector: list[float], k: int) -> list[tuple[str, float]]:
@@ -424,10 +469,17 @@ class Index:
             return []
         # Over-fetch a little: orphans of an interrupted ingest may take some of the top places.
         want = min(len(live), k) + 8
-        try:
+        with self._vector_op("vector search"):
+            if not self._checked_vectors:
+                # An empty collection under a non-empty state means the store was reset or replaced
+                # (a new `chroma run --path`): say so, instead of answering from BM25 alone.
+                if self.store._collection.count() == 0:
+                    raise RagqaError(
+                        f"the vector store at {self._where()} has no vectors for this index "
+                        f"(collection {self._collection_name()}); run: ragqa ingest [PATH] to restore them"
+                    )
+                self._checked_vectors = True
             hits = self.store.similarity_search_by_vector_with_relevance_scores(query_vector, k=want)
-        except Exception as exc:
-            raise RagqaError(f"vector search failed: {str(exc).splitlines()[0][:200]}") from None
         out = []
         for doc, distance in hits:
             if doc.id in live:
@@ -467,28 +519,72 @@ class _LazyEmbeddings:
         return self.index.embedder.embed_query(text)
 
 
+# Bounds on every request to a Chroma server: chromadb's own HTTP client waits forever (timeout=None),
+# so a hung or firewalled server would hang `ragqa ask` with it.
+CONNECT_TIMEOUT_S = 5.0
+HEARTBEAT_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 60.0
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """Connection refused, reset or timed out (httpx), or chromadb's own "Could not connect" wrapper."""
+    import httpx
+
+    return isinstance(exc, httpx.TransportError | ConnectionError) or "Could not connect" in str(exc)
+
+
+def _token_headers(settings: Settings) -> dict[str, str]:
+    """The token as both headers Chroma's token auth knows; the `chroma run` server itself checks neither
+    (Chroma 1.x has no server-side auth), so a proxy in front of it (Envoy, nginx) does, with either one."""
+    if not settings.chroma_token_env:
+        return {}
+    token = os.environ.get(settings.chroma_token_env)
+    if not token:
+        raise RagqaError(f"environment variable {settings.chroma_token_env} (the Chroma token) is not set")
+    return {"Authorization": f"Bearer {token}", "X-Chroma-Token": token}
+
+
 def _http_client(settings: Settings, chroma_settings: Any) -> Any:
+    """A chromadb HttpClient, after a bounded heartbeat: a down server fails in seconds with one line."""
     from urllib.parse import urlparse
 
     import chromadb
+    import httpx
 
-    url = urlparse(settings.chroma_url or "")
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise RagqaError(f"--chroma-url must look like http://HOST:PORT, got {settings.chroma_url!r}")
-    headers = {}
-    if settings.chroma_token_env:
-        token = os.environ.get(settings.chroma_token_env)
-        if not token:
-            raise RagqaError(f"environment variable {settings.chroma_token_env} (chroma token) is not set")
-        headers["Authorization"] = f"Bearer {token}"
+    raw = settings.chroma_url or ""
+    url = urlparse(raw)
+    if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+        raise RagqaError(f"--chroma-url must look like http://HOST:PORT, got {raw!r}")
     try:
-        return chromadb.HttpClient(
-            host=url.hostname,
-            port=url.port or (443 if url.scheme == "https" else 8000),
-            ssl=url.scheme == "https",
-            headers=headers,
-            settings=chroma_settings,
+        port = url.port or (443 if url.scheme == "https" else 8000)
+    except ValueError:
+        raise RagqaError(f"--chroma-url has an invalid port: {raw!r}") from None
+    headers = _token_headers(settings)
+    base = f"{url.scheme}://{url.hostname}:{port}"
+    try:
+        resp = httpx.get(f"{base}/api/v2/heartbeat", headers=headers,
+                         timeout=httpx.Timeout(HEARTBEAT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+    except httpx.HTTPError as exc:
+        raise RagqaError(
+            f"cannot reach the Chroma server at {raw} ({_first_line(exc)}); start it with: "
+            f"chroma run --path DIR --port {port}"
+        ) from None
+    if resp.status_code in (401, 403):
+        hint = (f"check the token in ${settings.chroma_token_env}" if settings.chroma_token_env
+                else "set chroma_token_env to the name of the variable holding the token")
+        raise RagqaError(f"the Chroma server at {raw} refused the request (HTTP {resp.status_code}); {hint}")
+    if resp.status_code != 200 or "heartbeat" not in resp.text:
+        raise RagqaError(
+            f"{raw} does not answer like a Chroma 1.x server (HTTP {resp.status_code} on /api/v2/heartbeat)"
         )
-    except Exception as exc:
-        reason = str(exc).splitlines()[0][:160]
-        raise RagqaError(f"cannot reach Chroma server at {settings.chroma_url}: {reason}") from None
+    client = chromadb.HttpClient(
+        host=url.hostname, port=port, ssl=url.scheme == "https", headers=headers, settings=chroma_settings
+    )
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if isinstance(session, httpx.Client):  # private in chromadb 1.5; without it requests stay unbounded
+        session.timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+    return client
