@@ -376,13 +376,14 @@ def serve(
     llm_url: LlmUrlOpt = None,
     llm_model: LlmModelOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
+    chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """HTTP API: POST /ask and /ask/stream, GET /health. Models load once; requests take turns."""
     from ragqa.serve import serve as run_server
 
     settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
                              gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
-                             api_key_env=api_key_env)
+                             api_key_env=api_key_env, chroma_url=chroma_url)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach it can ask (there is no auth)")
 
