@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ragqa.config import Settings
-from ragqa.errors import RagqaError
+from ragqa.errors import RagqaError, storage_error
 from ragqa.ingest import Chunk, SkipFile, iter_files, load_text, split_text
 
 SCHEMA_VERSION = 1
@@ -114,13 +114,16 @@ class Index:
                 """
             )
             con.execute("SELECT count(*) FROM chunks").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise RagqaError(
-                f"index at {self.dir} is corrupt ({exc}); rebuild it with: ragqa ingest --rebuild [PATH]"
-            ) from None
-        except OSError as exc:
-            raise RagqaError(f"cannot open index at {self.dir}: {exc.strerror}") from None
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise self._open_error(exc) from None
         return con
+
+    def _open_error(self, exc: BaseException) -> RagqaError:
+        """A full disk or read-only place says so; anything else SQLite cannot read is corruption."""
+        return storage_error(exc, self.dir, "opening the index") or RagqaError(
+            f"index at {self.dir} is corrupt or unreadable ({(str(exc).splitlines() or [''])[0][:120]}); "
+            "rebuild it with: ragqa ingest --rebuild [PATH]"
+        )
 
     def meta(self) -> dict[str, str]:
         con = self._connect()
@@ -147,7 +150,7 @@ class Index:
                 ).fetchall()
                 con.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
-                raise RagqaError(f"index at {self.dir} is corrupt ({exc}); run: ragqa ingest --rebuild") from None
+                raise self._open_error(exc) from None
             finally:
                 con.close()
             self._chunks = {r[0]: Chunk(*r[:8]) for r in rows}
@@ -230,15 +233,28 @@ class Index:
             except RagqaError:
                 raise
             except Exception as exc:
-                where = self.settings.chroma_url or self.dir / "chroma"
-                raise RagqaError(f"cannot open the vector store at {where}: {str(exc).splitlines()[0][:200]}") from None
+                raise self._store_error(exc) from None
         return self._store
+
+    def _store_error(self, exc: BaseException) -> RagqaError:
+        """Chroma's failures as one line: full disk / read-only place, else a damaged store and the way out."""
+        first = (str(exc).splitlines() or [""])[0][:160]
+        if self.settings.chroma_url:
+            return RagqaError(f"vector store at {self.settings.chroma_url} failed: {first}")
+        return storage_error(exc, self.dir / "chroma", "using the vector store") or RagqaError(
+            f"vector store of index {self.dir} is corrupt or unreadable ({first}); "
+            "rebuild it with: ragqa ingest --rebuild [PATH]"
+        )
 
     # ---- ingest ------------------------------------------------------------------------------------
     @contextmanager
     def _writer_lock(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fh = open(self.dir / ".lock", "w")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.dir / ".lock", "w")
+        except OSError as exc:
+            raise storage_error(exc, self.dir, "ingest") or RagqaError(
+                f"cannot create index at {self.dir}: {exc.strerror}") from None
         try:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -257,9 +273,7 @@ class Index:
         for p in paths:
             if not p.exists():
                 raise RagqaError(f"path {p} does not exist")
-        with self._writer_lock():
-            if rebuild:
-                self._wipe()
+        with self._writer_lock(), _WriteGuard(self, rebuild) as guard:
             con = self._connect(create=True)
             try:
                 meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
@@ -278,6 +292,7 @@ class Index:
                 # A change of chunking invalidates every file's chunks: treat all as changed.
                 same_chunking = all(meta.get(k) == v for k, v in settings_meta.items()) if meta else True
                 known = {p: s for p, s, _ in con.execute("SELECT path, sha256, n_chunks FROM files")}
+                self._check_store(con.execute("SELECT count(*) FROM chunks").fetchone()[0])
                 files = list(iter_files(paths))
                 plan: list[tuple[str, str, str]] = []  # (path, sha, text)
                 seen: set[str] = set()
@@ -352,6 +367,7 @@ class Index:
                 con.executemany("INSERT OR REPLACE INTO files VALUES (?,?,0,-1)", not_text)
                 con.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", list(settings_meta.items()))
                 con.execute("COMMIT")
+                guard.committed = True
                 for key in (k for k, _, _ in plan):
                     if key in known:
                         report.files_changed += 1
@@ -362,11 +378,28 @@ class Index:
                 report.chunks_total = len(live)
             finally:
                 con.close()
-            self._collect_garbage(live)
+            self._collect_garbage(live, progress)
         self._chunks = None
         self._bm25 = None
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _check_store(self, n_live: int) -> None:
+        """Refuse to build on a damaged vector store: Chroma answers a broken HNSW segment with silence, and
+        an ingest that only adds to it would leave an index that looks fine and finds nothing."""
+        if not n_live:
+            return
+        try:
+            collection = self.store._collection
+            got = collection.get(limit=1, include=["embeddings"])
+            found = bool(got["ids"]) and bool(
+                collection.query(query_embeddings=[got["embeddings"][0]], n_results=1, include=[])["ids"][0])
+        except RagqaError:
+            raise
+        except Exception as exc:
+            raise self._store_error(exc) from None
+        if not found:
+            raise self._store_error(RuntimeError(f"no vectors found for {n_live} indexed chunks"))
 
     def _add_vectors(self, chunks: list[Chunk], progress: Progress) -> None:
         batch = max(1, self.settings.embed_batch_size)
@@ -385,26 +418,37 @@ class Index:
             except RagqaError:
                 raise
             except Exception as exc:
-                raise RagqaError(f"writing vectors failed: {str(exc).splitlines()[0][:200]}") from None
+                raise storage_error(exc, self.dir / "chroma", "writing vectors") or RagqaError(
+                    f"writing vectors failed: {(str(exc).splitlines() or [''])[0][:200]}") from None
             progress.chunks(min(i + batch, len(order)), len(order))
 
-    def _collect_garbage(self, live: set[str]) -> None:
-        """Delete vectors that no committed state refers to (replaced files, deleted files, crashed runs)."""
+    def _collect_garbage(self, live: set[str], progress: Progress | None = None) -> None:
+        """Delete vectors that no committed state refers to (replaced files, deleted files, crashed runs).
+
+        Runs after the commit: if it fails (say the disk filled up), the new state still stands and the
+        leftovers are invisible to queries, so a warning is enough; the next ingest removes them.
+        """
         collection = self.store._collection  # ids-only listing is not part of the LangChain interface
         stale: list[str] = []
         offset = 0
-        while True:
-            got = collection.get(include=[], limit=5000, offset=offset)
-            ids = got["ids"]
-            if not ids:
-                break
-            stale.extend(i for i in ids if i not in live)
-            offset += len(ids)
-        for i in range(0, len(stale), 5000):
-            collection.delete(ids=stale[i : i + 5000])
+        try:
+            while True:
+                got = collection.get(include=[], limit=5000, offset=offset)
+                ids = got["ids"]
+                if not ids:
+                    break
+                stale.extend(i for i in ids if i not in live)
+                offset += len(ids)
+            for i in range(0, len(stale), 5000):
+                collection.delete(ids=stale[i : i + 5000])
+        except Exception as exc:
+            if progress is None:
+                raise self._store_error(exc) from None
+            progress.warn(f"old vectors not removed yet ({self._store_error(exc)}); the next ingest removes them")
 
     def _wipe(self) -> None:
-        """--rebuild: start from nothing (also the way out of a corrupt index)."""
+        """--rebuild: start from nothing (also the way out of a corrupt index, and the undo of a failed
+        first ingest)."""
         if self.settings.chroma_url:
             try:
                 self.store.delete_collection()
@@ -426,8 +470,14 @@ class Index:
         want = min(len(live), k) + 8
         try:
             hits = self.store.similarity_search_by_vector_with_relevance_scores(query_vector, k=want)
+        except RagqaError:
+            raise
         except Exception as exc:
-            raise RagqaError(f"vector search failed: {str(exc).splitlines()[0][:200]}") from None
+            raise self._store_error(exc) from None
+        if not hits:
+            # A collection holding live chunks always returns something; Chroma answers a damaged HNSW segment
+            # (or a collection lost by moving the folder) with silence, which must not pass for "no match".
+            raise self._store_error(RuntimeError(f"no vectors found for {len(live)} indexed chunks"))
         out = []
         for doc, distance in hits:
             if doc.id in live:
@@ -451,6 +501,41 @@ class Index:
         scores = self._bm25.get_scores(q)
         top = np.argsort(-scores)[:k]
         return [(self._bm25_ids[i], float(scores[i])) for i in top if scores[i] > 0]
+
+
+class _WriteGuard:
+    """Turns storage failures during an ingest into one line, and undoes a first ingest that fails.
+
+    A first ingest that fails before its commit (full disk, read-only place, Ctrl-C, a bad file) leaves no
+    index behind that would look complete or fail to open later; a failing re-ingest needs no undo, since
+    the previous state is still the committed one.
+    """
+
+    def __init__(self, index: Index, rebuild: bool) -> None:
+        self.index = index
+        self.rebuild = rebuild
+        self.fresh = False
+        self.committed = False
+
+    def __enter__(self) -> _WriteGuard:
+        try:
+            if self.rebuild:
+                self.index._wipe()
+        except OSError as exc:
+            raise storage_error(exc, self.index.dir, "--rebuild") or self.index._open_error(exc) from None
+        self.fresh = not self.index.exists()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            return
+        if self.fresh and not self.committed:
+            try:
+                self.index._wipe()
+            except OSError:
+                pass  # the original failure is the one worth reporting
+        if isinstance(exc, OSError | sqlite3.DatabaseError):
+            raise (storage_error(exc, self.index.dir, "ingest") or self.index._open_error(exc)) from None
 
 
 class _LazyEmbeddings:

