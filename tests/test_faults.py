@@ -333,6 +333,10 @@ def test_read_only_home(tmp_path: Path, models_dir: Path, light_embedder, readon
     try:
         proc = _cli("ingest", str(docs), env=_env(settings), preexec_fn=_without_root_override)
         assert_one_line_error(proc, "not writable")
+        # Reading needs SQLite's WAL side files, which a read-only folder cannot hold: one line, too.
+        asked = _cli("ask", "杰文斯悖论是什么？", env={**_env(settings), "RAGQA_MODEL": "qwen2.5-coder-0.5b-instruct"},
+                     preexec_fn=_without_root_override)
+        assert_one_line_error(asked, str(settings.index_dir))
     finally:
         for p in [settings.index_dir, *settings.index_dir.rglob("*")]:
             p.chmod(p.stat().st_mode | 0o200)
