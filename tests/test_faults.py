@@ -249,10 +249,21 @@ DAMAGE = {
 def test_damaged_index_says_rebuild_and_rebuild_recovers(tmp_path: Path, models_dir: Path, light_embedder,
                                                          damage: str) -> None:
     docs, settings, before = _built(tmp_path, models_dir, light_embedder)
+    if damage.startswith("HNSW"):
+        # Chroma answers a small collection from its log; its HNSW files are read once there are a few hundred.
+        (docs / "e.txt").write_text(_lines("深度学习", 500), encoding="utf-8")
+        Index(settings, embedder=light_embedder).ingest([docs])
+        before = _state(settings, light_embedder)
+        fresh_chroma()
     DAMAGE[damage](settings.index_dir)
-    env = {**_env(settings), "RAGQA_MODEL": "qwen2.5-coder-0.5b-instruct"}
+    env = {**_env(settings), "RAGQA_MODEL": "qwen2.5-coder-0.5b-instruct", "RAGQA_MAX_TOKENS": "8"}
     for args in (("ingest", str(docs)), ("ask", "杰文斯悖论是什么？")):
-        assert_one_line_error(_cli(*args, env=env), str(settings.index_dir), "ragqa ingest --rebuild")
+        proc = _cli(*args, env=env)
+        if damage.startswith("HNSW") and proc.returncode == 0:
+            # Chroma can serve a collection from its log and rebuild the segment; then nothing was lost.
+            assert "Traceback" not in proc.stderr and _state(settings, light_embedder) == before
+            continue
+        assert_one_line_error(proc, str(settings.index_dir), "ragqa ingest --rebuild")
     fixed = _cli("ingest", "--rebuild", str(docs), env=env)
     assert fixed.returncode == 0, fixed.stderr
     assert _state(settings, light_embedder) == before

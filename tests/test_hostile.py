@@ -124,8 +124,8 @@ def tiny_index(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, light
     docs = root / "docs"
     docs.mkdir()
     # Names that look like rich markup: they reach the terminal in warnings and in the printed sources.
-    (docs / "[/bold]blob[red].txt").write_bytes(b"\0binary\0" * 50)
-    (docs / "[/b]jevons[i].md").write_text("# 杰文斯悖论\n\n杰文斯悖论指效率提高反而增加总消耗。The Jevons paradox: "
+    (docs / "[bold]blob[red].txt").write_bytes(b"\0binary\0" * 50)
+    (docs / "[b]jevons[i].md").write_text("# 杰文斯悖论\n\n杰文斯悖论指效率提高反而增加总消耗。The Jevons paradox: "
                                     "efficiency gains raise total consumption.\n", encoding="utf-8")
     (docs / "odd\u200b name\nwith newline.txt").write_text("零宽\u200b字符\u200d与控制字符\x07的文件。\n",
                                                              encoding="utf-8")
@@ -133,7 +133,7 @@ def tiny_index(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, light
            "RAGQA_MODEL": SMALL_MODEL, "RAGQA_MAX_TOKENS": "8"}
     made = run_cli("ingest", str(docs), env=env)
     assert made.returncode == 0 and "Traceback" not in made.stderr, made.stderr
-    assert "[/bold]blob[red].txt" in made.stderr  # the binary's warning, printed as the name, not as markup
+    assert "[bold]blob[red].txt" in made.stderr  # the binary's warning, printed as the name, not as markup
     return env
 
 
@@ -221,8 +221,7 @@ def test_injection_does_not_change_unrelated_answers(injection_qa, question: str
     poisoned = injection_qa["injected"].ask(question)
     assert not any(Path(h.chunk.source).name == INJECTED.name for h in poisoned.hits)
     assert "PWNED" not in (poisoned.answer or "").upper()
-    # BM25 statistics shift a little with one more file; when the same passages come back (the usual case),
-    # the answer is the same to the character (temperature 0).
-    if [h.chunk.text for h in poisoned.hits] == [h.chunk.text for h in clean.hits]:
-        assert poisoned.answer == clean.answer
-        EXAMPLES["unrelated answers identical with the injected file"] += 1
+    # The model gets the very same prompt with or without the injected file (answers themselves can differ
+    # in wording: llama.cpp's reuse of the evaluated prefix is not bit-for-bit deterministic).
+    assert build_messages(question, poisoned.hits) == build_messages(question, clean.hits)
+    EXAMPLES["unrelated questions with an unchanged prompt"] += 1
