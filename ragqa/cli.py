@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ragqa.config import Settings, load_settings
@@ -96,7 +97,7 @@ def models_fetch(
     for name in wanted:
         spec = models.get_spec(name)
         if models.is_fetched(spec, settings.models_dir) and not force:
-            err.print(f"{name}: already fetched ({models.final_path(spec, settings.models_dir)})")
+            err.print(escape(f"{name}: already fetched ({models.final_path(spec, settings.models_dir)})"))
             continue
         t0 = time.perf_counter()
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -107,7 +108,7 @@ def models_fetch(
                 bar.update(task, completed=done, total=total, description=f"{name}: {msg}")
 
             path = models.fetch(name, settings.models_dir, progress=report, force=force)
-        err.print(f"{name}: fetched and verified in {time.perf_counter() - t0:.1f} s → {path}")
+        err.print(escape(f"{name}: fetched and verified in {time.perf_counter() - t0:.1f} s → {path}"))
 
 
 @models_app.command("path")
@@ -157,23 +158,23 @@ def run_ingest(settings: Settings, paths: list[Path], rebuild: bool = False) -> 
             nonlocal announced
             if not announced:
                 announced = True
-                err.print(f"embedding {total} chunks with {settings.embedder}")
+                err.print(escape(f"embedding {total} chunks with {settings.embedder}"))
             bar.update(chunks_task, completed=done, total=total, visible=True, description="chunks embedded")
 
         hooks = Hooks(
             files=lambda done, total, name: bar.update(files_task, completed=done, total=total,
                                                        description=f"files {name}"[:60]),
             chunks=on_chunks,
-            warn=lambda msg: err.print(f"[yellow]warning:[/] {msg}"),
+            warn=lambda msg: err.print(f"[yellow]warning:[/] {escape(msg)}"),
         )
         report = idx.ingest(paths, progress=hooks, rebuild=rebuild)
     rate = f", {report.chunks_embedded / report.embed_seconds:.2f} chunks/s" if report.embed_seconds else ""
-    err.print(
+    err.print(escape(
         f"index {settings.index_dir}: {report.files_added} added, {report.files_changed} changed, "
         f"{report.files_removed} removed, {report.files_unchanged} unchanged files; "
         f"{report.chunks_embedded} chunks embedded{rate}, {report.chunks_removed} removed, "
         f"{report.chunks_total} in total ({report.seconds:.1f} s)"
-    )
+    ))
 
 
 # ---- ask / chat --------------------------------------------------------------------------------------
@@ -189,8 +190,8 @@ def print_sources(answer: Any) -> None:
     for c in answer.citations:
         lines = c["lines"]
         span = f"{lines[0]}-{lines[1]}" if lines[0] != lines[1] else f"{lines[0]}"
-        heading = f"  [dim]{c['heading']}[/]" if c.get("heading") else ""
-        out.print(f"[bold][{c['n']}][/] {display_source(c['source'])}:{span}{heading}")
+        heading = f"  [dim]{escape(c['heading'])}[/]" if c.get("heading") else ""
+        out.print(f"[bold][{c['n']}][/] {escape(display_source(c['source']))}:{span}{heading}")
 
 
 @app.command()
@@ -283,17 +284,17 @@ def chat(
                 print_sources(last)
             continue
         if line.startswith("/"):
-            err.print(f"[yellow]unknown command {line}; use /sources, /reset or /exit[/]")
+            err.print(f"[yellow]unknown command {escape(line)}; use /sources, /reset or /exit[/]")
             continue
         try:
             last = qa.ask(line, history=history, on_token=write_now)
         except RagqaError as exc:
-            err.print(f"[red]error:[/] {exc}")
+            err.print(f"[red]error:[/] {escape(str(exc))}")
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         if last.standalone_question and last.standalone_question != line:
-            err.print(f"[dim](understood as: {last.standalone_question})[/]")
+            err.print(f"[dim](understood as: {escape(last.standalone_question)})[/]")
         history.append((line, last.answer or ""))
 
 
@@ -337,7 +338,7 @@ def eval_cmd(
     settings = qa.settings  # the baseline pipeline brings its own chunking, k and index
     stale = qa.index.stale_reason([settings.corpus])
     if stale:
-        err.print(f"index is not current for {settings.corpus} ({stale}): ingesting first")
+        err.print(escape(f"index is not current for {settings.corpus} ({stale}): ingesting first"))
         run_ingest(settings, [settings.corpus])
     qa.prepare()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -355,7 +356,7 @@ def eval_cmd(
         console=out,
         retrieval_only=retrieval_only,
     )
-    err.print(f"results in {target} (report.html, summary.json, results.jsonl)")
+    err.print(escape(f"results in {target} (report.html, summary.json, results.jsonl)"))
     if summary.get("interrupted"):
         raise typer.Exit(130)
 
@@ -428,7 +429,7 @@ def main() -> None:
     try:
         app()
     except RagqaError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
@@ -437,7 +438,7 @@ def main() -> None:
         if os.environ.get("RAGQA_DEBUG"):
             raise
         first = (str(exc).splitlines() or [""])[0][:300]
-        err.print(f"[red]internal error:[/] {type(exc).__name__}: {first} (RAGQA_DEBUG=1 shows the traceback)")
+        err.print(f"[red]internal error:[/] {type(exc).__name__}: {escape(first)} (RAGQA_DEBUG=1 shows the traceback)")
         sys.exit(1)
 
 

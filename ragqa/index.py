@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ragqa.config import Settings
-from ragqa.errors import RagqaError
+from ragqa.errors import RagqaError, storage_error
 from ragqa.ingest import Chunk, SkipFile, iter_files, load_text, split_text
 
 SCHEMA_VERSION = 1
@@ -117,13 +117,16 @@ class Index:
                 """
             )
             con.execute("SELECT count(*) FROM chunks").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise RagqaError(
-                f"index at {self.dir} is corrupt ({exc}); rebuild it with: ragqa ingest --rebuild [PATH]"
-            ) from None
-        except OSError as exc:
-            raise RagqaError(f"cannot open index at {self.dir}: {exc.strerror}") from None
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise self._open_error(exc) from None
         return con
+
+    def _open_error(self, exc: BaseException) -> RagqaError:
+        """A full disk or read-only place says so; anything else SQLite cannot read is corruption."""
+        return storage_error(exc, self.dir, "opening the index") or RagqaError(
+            f"index at {self.dir} is corrupt or unreadable ({(str(exc).splitlines() or [''])[0][:120]}); "
+            "rebuild it with: ragqa ingest --rebuild [PATH]"
+        )
 
     def meta(self) -> dict[str, str]:
         con = self._connect()
@@ -150,7 +153,7 @@ class Index:
                 ).fetchall()
                 con.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
-                raise RagqaError(f"index at {self.dir} is corrupt ({exc}); run: ragqa ingest --rebuild") from None
+                raise self._open_error(exc) from None
             finally:
                 con.close()
             self._chunks = {r[0]: Chunk(*r[:8]) for r in rows}
@@ -235,7 +238,7 @@ class Index:
                     f"cannot reach the Chroma server at {self.settings.chroma_url} ({_first_line(exc)}); "
                     f"is `chroma run` up?"
                 ) from None
-            raise RagqaError(f"{action} failed: {_first_line(exc)}") from None
+            raise self._store_error(exc, action) from None
 
     def vector_ids(self) -> set[str]:
         """Every id in this index's collection, live or orphan (ids only: nothing is embedded)."""
@@ -272,11 +275,31 @@ class Index:
                 )
         return self._store
 
+    def _store_error(self, exc: BaseException, action: str = "using the vector store") -> RagqaError:
+        """Chroma's failures as one line: full disk / read-only place, a failed write, else a damaged store
+        and the way out."""
+        first = _first_line(exc)
+        if self.settings.chroma_url:
+            return RagqaError(f"{action} failed on the Chroma server at {self.settings.chroma_url}: {first}")
+        known = storage_error(exc, self.dir / "chroma", action)
+        if known:
+            return known
+        if action.startswith(("writing", "deleting")):
+            return RagqaError(f"{action} failed: {first}")
+        return RagqaError(
+            f"vector store of index {self.dir} is corrupt or unreadable ({first}); "
+            "rebuild it with: ragqa ingest --rebuild [PATH]"
+        )
+
     # ---- ingest ------------------------------------------------------------------------------------
     @contextmanager
     def _writer_lock(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fh = open(self.dir / ".lock", "w")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.dir / ".lock", "w")
+        except OSError as exc:
+            raise storage_error(exc, self.dir, "ingest") or RagqaError(
+                f"cannot create index at {self.dir}: {exc.strerror}") from None
         try:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -295,9 +318,7 @@ class Index:
         for p in paths:
             if not p.exists():
                 raise RagqaError(f"path {p} does not exist")
-        with self._writer_lock():
-            if rebuild:
-                self._wipe()
+        with self._writer_lock(), _WriteGuard(self, rebuild) as guard:
             con = self._connect(create=True)
             try:
                 meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
@@ -327,6 +348,7 @@ class Index:
                 # Listed once: unchanged files whose vectors the store lost (a server reset, a deleted
                 # chroma/ folder) are embedded again, and whatever is not live afterwards is garbage.
                 present = self.vector_ids()
+                self._check_store(len(present))
                 live_by_file: dict[str, list[str]] = {}
                 for cid, src in con.execute("SELECT id, source FROM chunks"):
                     live_by_file.setdefault(src, []).append(cid)
@@ -410,6 +432,7 @@ class Index:
                 con.executemany("INSERT OR REPLACE INTO files VALUES (?,?,0,-1)", not_text)
                 con.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", list(settings_meta.items()))
                 con.execute("COMMIT")
+                guard.committed = True
                 for key in (k for k, _, _ in plan):
                     if key in known:
                         report.files_changed += 1
@@ -420,11 +443,25 @@ class Index:
                 report.chunks_total = len(live)
             finally:
                 con.close()
-            self._collect_garbage(present - live)
+            self._collect_garbage(present - live, progress)
         self._chunks = None
         self._bm25 = None
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _check_store(self, n_present: int) -> None:
+        """Refuse to build on a damaged vector store: Chroma answers a broken HNSW segment with silence, and
+        an ingest that only adds to it would leave an index that looks fine and finds nothing. An empty
+        collection is not damage: the lost vectors are embedded again (see `present` in ingest)."""
+        if not n_present:
+            return
+        with self._vector_op("checking the vector store"):
+            collection = self.store._collection
+            got = collection.get(limit=1, include=["embeddings"])
+            found = bool(got["ids"]) and bool(
+                collection.query(query_embeddings=[got["embeddings"][0]], n_results=1, include=[])["ids"][0])
+        if not found:
+            raise self._store_error(RuntimeError(f"no vectors found for {n_present} stored vectors"))
 
     def _add_vectors(self, chunks: list[Chunk], progress: Progress) -> None:
         batch = max(1, self.settings.embed_batch_size)
@@ -442,15 +479,25 @@ class Index:
                 )
             progress.chunks(min(i + batch, len(order)), len(order))
 
-    def _collect_garbage(self, stale: set[str]) -> None:
-        """Delete vectors that no committed state refers to (replaced files, deleted files, crashed runs)."""
+    def _collect_garbage(self, stale: set[str], progress: Progress | None = None) -> None:
+        """Delete vectors that no committed state refers to (replaced files, deleted files, crashed runs).
+
+        Runs after the commit: if it fails (say the disk filled up), the new state still stands and the
+        leftovers are invisible to queries, so a warning is enough; the next ingest removes them.
+        """
         ids = sorted(stale)
-        with self._vector_op("deleting old vectors"):
-            for i in range(0, len(ids), 5000):
-                self.store._collection.delete(ids=ids[i : i + 5000])
+        try:
+            with self._vector_op("deleting old vectors"):
+                for i in range(0, len(ids), 5000):
+                    self.store._collection.delete(ids=ids[i : i + 5000])
+        except RagqaError as exc:
+            if progress is None:
+                raise
+            progress.warn(f"old vectors not removed yet ({exc}); the next ingest removes them")
 
     def _wipe(self) -> None:
-        """--rebuild: start from nothing (also the way out of a corrupt index)."""
+        """--rebuild: start from nothing (also the way out of a corrupt index, and the undo of a failed
+        first ingest)."""
         if self.settings.chroma_url:
             try:
                 self.store.delete_collection()
@@ -480,6 +527,10 @@ class Index:
                     )
                 self._checked_vectors = True
             hits = self.store.similarity_search_by_vector_with_relevance_scores(query_vector, k=want)
+        if not hits:
+            # A collection holding live chunks always returns something; Chroma answers a damaged HNSW
+            # segment with silence, which must not pass for "no match".
+            raise self._store_error(RuntimeError(f"no vectors found for {len(live)} indexed chunks"))
         out = []
         for doc, distance in hits:
             if doc.id in live:
@@ -503,6 +554,41 @@ class Index:
         scores = self._bm25.get_scores(q)
         top = np.argsort(-scores)[:k]
         return [(self._bm25_ids[i], float(scores[i])) for i in top if scores[i] > 0]
+
+
+class _WriteGuard:
+    """Turns storage failures during an ingest into one line, and undoes a first ingest that fails.
+
+    A first ingest that fails before its commit (full disk, read-only place, Ctrl-C, a bad file) leaves no
+    index behind that would look complete or fail to open later; a failing re-ingest needs no undo, since
+    the previous state is still the committed one.
+    """
+
+    def __init__(self, index: Index, rebuild: bool) -> None:
+        self.index = index
+        self.rebuild = rebuild
+        self.fresh = False
+        self.committed = False
+
+    def __enter__(self) -> _WriteGuard:
+        try:
+            if self.rebuild:
+                self.index._wipe()
+        except OSError as exc:
+            raise storage_error(exc, self.index.dir, "--rebuild") or self.index._open_error(exc) from None
+        self.fresh = not self.index.exists()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            return
+        if self.fresh and not self.committed:
+            try:
+                self.index._wipe()
+            except OSError:
+                pass  # the original failure is the one worth reporting
+        if isinstance(exc, OSError | sqlite3.DatabaseError):
+            raise (storage_error(exc, self.index.dir, "ingest") or self.index._open_error(exc)) from None
 
 
 class _LazyEmbeddings:

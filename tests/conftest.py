@@ -115,3 +115,22 @@ def stop_process(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+LIGHT_EMBEDDER = "multilingual-e5-small"
+
+
+@pytest.fixture(scope="session")
+def light_embedder(models_dir: Path):
+    """multilingual-e5-small (numpy only): for tests that ingest many times, where the embedder is not the point."""
+    from ragqa.embed import load_embedder
+
+    models.fetch(LIGHT_EMBEDDER, models_dir)
+    return load_embedder(LIGHT_EMBEDDER, models_dir)
+
+
+def fresh_chroma() -> None:
+    """Forget Chroma's per-process client cache, so the next open reads what other processes wrote."""
+    from chromadb.api.client import SharedSystemClient
+
+    SharedSystemClient.clear_system_cache()
