@@ -356,8 +356,10 @@ def _side(text: str, n: int, ttft_ms: float | None, times: list[float], **extra:
 
 def _answerable_question(ctx: BenchContext) -> str:
     """The first answerable Chinese question of the suite: one that yields a real answer, not a refusal."""
+    from ragqa.evals.metrics import is_answerable
+
     for q in ctx.load_questions():
-        if q["lang"] == "zh" and q["type"] != "unanswerable":
+        if q["lang"] == "zh" and is_answerable(q):
             return q["question"]
     return ctx.load_questions(1)[0]["question"]
 
@@ -508,7 +510,6 @@ def bench_retrieval(ctx: BenchContext) -> dict[str, Any]:
     s = ctx.index_settings
     corpus_index = Index(s, embedder=ctx.embedder)
     questions = [q["question"] for q in ctx.load_questions(ctx.questions or (20 if ctx.quick else None))]
-    t = time.perf_counter()
     vectors = []
     embed_ms = []
     for q in questions:
