@@ -512,6 +512,7 @@ def bench_retrieval(ctx: BenchContext) -> dict[str, Any]:
     questions = [q["question"] for q in ctx.load_questions(ctx.questions or (20 if ctx.quick else None))]
     vectors = []
     embed_ms = []
+    ctx.embedder.embed_query(questions[0])  # warm-up
     for q in questions:
         t = time.perf_counter()
         vectors.append(ctx.embedder.embed_query(q))
