@@ -395,6 +395,48 @@ def serve(
     run_server(settings, host=host, port=port, on_ready=ready)
 
 
+# ---- bench -------------------------------------------------------------------------------------------
+@app.command()
+def bench(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="generation, ttft, ingest, retrieval, cold (default: all).")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one run: checks it works, in minutes.")] = False,
+    runs: Annotated[int | None, typer.Option("--runs", help="Measured runs after one warm-up.")] = None,
+    questions: Annotated[int | None, typer.Option("--questions", help="Only the first N eval questions.")] = None,
+    sizes: Annotated[str | None, typer.Option("--sizes", help="Synthetic index sizes, e.g. 10000,100000.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Directory for the JSON results.")] = None,
+    suite: Annotated[Path, typer.Option("--suite", help="Eval questions used as queries.")] = Path(
+        "evals/corpus_qa.jsonl"
+    ),
+    max_build_minutes: Annotated[
+        float, typer.Option("--max-build-minutes", help="Skip synthetic sizes whose build would take longer.")
+    ] = 15.0,
+    index: Annotated[Path | None, typer.Option("--index", help="Corpus index to reuse (default: OUT/index).")] = None,
+    model: ModelOpt = None,
+    embedder: EmbedderOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Benchmarks against the machine's limits: each prints a table and writes JSON (see README)."""
+    from ragqa.evals import bench as b
+
+    chosen = b.check_names(names or [])
+    opts = b.quick_defaults(runs, questions, sizes, quick)
+    if opts["runs"] < 1:
+        raise RagqaError("--runs must be at least 1")
+    settings = settings_from(model=model, embedder=embedder, threads=threads)
+    if not suite.is_file():
+        raise RagqaError(f"eval suite {suite} not found (run from the repository root, or pass --suite)")
+    if not Path(settings.corpus).is_dir():
+        raise RagqaError(f"corpus folder {settings.corpus} not found (run from the repository root)")
+    settings = settings.replace(corpus=Path(settings.corpus).resolve())
+    target = (out_dir or settings.home / "bench" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    ctx = b.BenchContext(settings=settings, out=target, suite=suite, quick=quick, console=out,
+                         max_build_minutes=max_build_minutes, index=index, **opts)
+    b.run_benchmarks(ctx, chosen)
+    err.print(f"results in {target} (bench.json and one JSON per benchmark)")
+
+
 # ---- setup / config ----------------------------------------------------------------------------------
 @app.command()
 def setup(

@@ -542,18 +542,14 @@ class Index:
         if not chunks:
             return []
         if self._bm25 is None:
-            from rank_bm25 import BM25Okapi
+            from ragqa.bm25 import BM25  # rank_bm25's scores over an inverted index (O(postings), not O(N))
 
             self._bm25_ids = list(chunks)
-            self._bm25 = BM25Okapi([self._tokens[i] or ["\0"] for i in self._bm25_ids])
+            self._bm25 = BM25([self._tokens[i] or ["\0"] for i in self._bm25_ids])
         q = tokenize(query)
         if not q:
             return []
-        import numpy as np
-
-        scores = self._bm25.get_scores(q)
-        top = np.argsort(-scores)[:k]
-        return [(self._bm25_ids[i], float(scores[i])) for i in top if scores[i] > 0]
+        return [(self._bm25_ids[i], score) for i, score in self._bm25.top_k(q, k)]
 
 
 class _WriteGuard:

@@ -1,0 +1,139 @@
+"""`ragqa bench`: the pure logic (medians, ratios, rates, tables) by hand, and one real quick run of the
+cheapest benchmark through the CLI so the command cannot rot. The figures themselves are not asserted:
+they depend on the machine."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from ragqa.config import Settings
+from ragqa.errors import RagqaError
+from ragqa.evals import bench
+
+from .conftest import assert_one_line_error, run_cli
+
+
+def test_median_ratio_and_generation_rate() -> None:
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0
+    assert bench.median([1.0, 2.0, 3.0, 10.0]) == 2.5
+    assert bench.median([]) is None
+    assert bench.ratio(3.0, 2.0) == 1.5
+    assert bench.ratio(None, 2.0) is None and bench.ratio(1.0, 0) is None
+    # 11 tokens, the first at t=1 s and the last at t=3 s: 10 tokens in 2 s after the first.
+    assert bench.gen_rate(11, 1.0, 3.0) == 5.0
+    assert bench.gen_rate(1, 1.0, 3.0) is None
+    s = bench.summarize_ms([10.0, 20.0, 30.0, 40.0, 100.0])
+    assert s == {"p50": 30.0, "p95": 88.0, "n": 5}
+
+
+def test_sides_alternate_run_by_run() -> None:
+    orders = [bench.alternate(r) for r in range(4)]
+    assert orders == [("ragqa", "bare"), ("bare", "ragqa")] * 2
+
+
+def test_sizes_names_and_quick_defaults() -> None:
+    assert bench.parse_sizes("10000,100_000, 1000000") == (10000, 100000, 1000000)
+    for bad in ("", "10k", "0,5"):
+        with pytest.raises(RagqaError, match="--sizes"):
+            bench.parse_sizes(bad)
+    assert bench.check_names([]) == list(bench.BENCHMARKS)
+    with pytest.raises(RagqaError, match="unknown benchmark nope"):
+        bench.check_names(["ttft", "nope"])
+    quick = bench.quick_defaults(None, None, None, quick=True)
+    assert quick == {"runs": 1, "questions": 3, "sizes": bench.QUICK_SIZES}
+    full = bench.quick_defaults(None, None, None, quick=False)
+    assert full == {"runs": 3, "questions": None, "sizes": bench.FULL_SIZES}
+    assert bench.quick_defaults(5, 7, "300", quick=True) == {"runs": 5, "questions": 7, "sizes": (300,)}
+
+
+class _FakeLLM:
+    name = "fake"
+    n_ctx = 4096
+
+    def __init__(self) -> None:
+        self.usage = {"prompt_tokens": 3, "completion_tokens": 0}
+        self.closed = False
+
+    def count_tokens(self, text: str) -> int:
+        return len(text)
+
+    def stream(self, messages, max_tokens):
+        try:
+            yield from ["a", "b", "c"]
+        finally:
+            self.closed = True
+
+
+def test_timed_llm_records_pieces_and_stops_early() -> None:
+    inner = _FakeLLM()
+    timed = bench.TimedLLM(inner, stop_after=1)
+    assert list(timed.stream([{"role": "user", "content": "q"}], 10)) == ["a"]
+    assert inner.closed and timed.pieces == ["a"] and len(timed.times) == 1 and timed.times[0] >= timed.t_call
+    full = bench.TimedLLM(_FakeLLM())
+    assert "".join(full.stream([], 10)) == "abc" and len(full.times) == 3
+    assert full.messages == [] and full.usage["prompt_tokens"] == 3
+
+
+def _render(name: str, res: dict) -> str:
+    buf = io.StringIO()
+    console = Console(file=buf, width=200)
+    for table in bench.tables(name, res):
+        console.print(table)
+    return buf.getvalue()
+
+
+def test_tables_show_each_figure_beside_its_baseline() -> None:
+    gen = {"prompt_tokens": 1234, "n_passages": 5,
+           "ragqa": {"ttft_ms": 2100.5, "gen_tok_s": 9.87, "completion_tokens": 40},
+           "bare": {"ttft_ms": 2000.25, "gen_tok_s": 10.12, "completion_tokens": 40},
+           "ratio": {"ttft": 1.0501, "gen_tok_s": 0.9753}}
+    text = _render("generation", gen)
+    assert "1234 prompt tokens" in text and "2,100.5" in text and "2,000.2" in text and "0.975" in text
+    ret = {"query_embed_ms": {"p50": 55.0}, "queries": 3, "runs": 1,
+           "sizes": [{"label": "corpus", "size": 250, "search_ms": {"p50": 4.0, "p95": 6.5},
+                      "dense_ms": {"p95": 3.0}, "bm25_ms": {"p95": 1.5}},
+                     {"label": "100000", "size": 100000, "search_ms": {"p50": 40.0, "p95": 61.5},
+                      "dense_ms": {"p95": 30.0}, "bm25_ms": {"p95": 12.5}, "rank_bm25": {"bm25_ms": {"p95": 640.0}},
+                      "insert_rate_per_s": 900.0, "rss_growth_mb": 812.0, "disk_mb": 700.0}],
+           "skipped": [{"size": 1000000, "estimated_build_minutes": 18.5}]}
+    text = _render("retrieval", ret)
+    assert "100000" in text and "61.5" in text and "640.0" in text and "est. 18.5 min" in text
+
+
+def test_machine_description() -> None:
+    m = bench.machine(Settings())
+    assert m["cores"] and m["threads"] == 2 and m["cpu"]
+    assert {"llama-cpp-python", "torch", "chromadb"} <= set(m["versions"])
+
+
+def test_cli_bench_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("bench", "nope"), "unknown benchmark nope")
+    assert_one_line_error(run_cli("bench", "retrieval", "--sizes", "abc"), "--sizes")
+    assert_one_line_error(run_cli("bench", "ttft", "--suite", str(tmp_path / "none.jsonl")), "not found")
+
+
+@pytest.mark.slow
+def test_bench_retrieval_quick_runs_end_to_end(corpus_settings: Settings, tmp_path: Path) -> None:
+    """The real command on the real corpus index: tiny synthetic size, one run, JSON and table written."""
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "retrieval", "--quick", "--sizes", "400", "--questions", "3",
+                   "--index", str(corpus_settings.index_dir), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    combined = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+    res = json.loads((out / "retrieval.json").read_text(encoding="utf-8"))
+    assert combined["results"]["retrieval"]["sizes"] == res["sizes"]
+    assert combined["machine"]["cores"] >= 1 and combined["options"]["quick"] is True
+    corpus_row, synthetic = res["sizes"]
+    assert corpus_row["label"] == "corpus" and corpus_row["size"] > 100
+    assert synthetic["size"] == 400 and synthetic["search_ms"]["n"] == 3
+    assert synthetic["search_ms"]["p95"] >= synthetic["search_ms"]["p50"] > 0
+    # The BM25 baseline ran on the same tokens and agrees with ragqa's scorer exactly.
+    assert synthetic["rank_bm25"]["max_abs_score_diff_vs_ragqa"] == 0.0
+    assert synthetic["insert_rate_per_s"] > 0 and synthetic["disk_mb"] > 0
+    assert res["met"] is None  # no 100k size in this run: the target is not judged
+    assert "retrieval, query embedding excluded" in proc.stdout and "rank_bm25 p95" in proc.stdout
