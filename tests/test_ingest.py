@@ -1,10 +1,13 @@
 import codecs
+import re
 from pathlib import Path
 
 import pytest
 
 from ragqa.errors import RagqaError
 from ragqa.ingest import SkipFile, decode, find_headings, iter_files, load_text, split_text
+
+from .conftest import SMALL_MODEL, make_settings, run_cli
 
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 ENDS = tuple("。！？；.!?;\n") + ("。”", "！”", "？”")
@@ -321,3 +324,68 @@ def test_every_format_is_picked_up_and_unknown_suffixes_read_as_text(tmp_path: P
     assert {".pdf", ".docx", ".html", ".htm", ".md", ".txt"} <= set(LOADERS)
     (tmp_path / "notes.rst").write_text("Title\n=====\n\n正文。\n", encoding="utf-8")
     assert load_document(tmp_path / "notes.rst").text == "Title\n=====\n\n正文。\n"  # named explicitly: plain text
+
+
+# One question per format, each about a fact that only its file holds (the PDF's on page 2).
+FORMAT_QUESTIONS = [
+    ("青岚湖的最大水深是多少米？", "lakes.pdf", 2, ("四十七", "47")),
+    ("白沙灯塔是哪一年建成的？", "lighthouse.docx", None, ("1872",)),
+    ("Where is the Moonfish festival held?", "festival.html", None, ("Harrowgate",)),
+    ("How many kinds of pear does the Redwick orchard grow?", "orchard.md", None, ("312",)),
+    ("紫藤书院的院长是谁？", "utf-8.txt", None, ("周明远",)),
+    ("铜铃桥全长多少米？", "utf-8-sig.txt", None, ("二百零八", "208")),
+    ("松鹤茶园每年出产多少斤绿茶？", "gb18030.txt", None, ("三千", "3000", "3,000")),
+    ("金沙码头每天有几班渡轮开往东岛？", "utf-16.txt", None, ("十二", "12")),
+]
+
+
+@pytest.mark.slow
+def test_every_format_is_answered_with_a_citation_to_its_file_and_page(tmp_path: Path, models_dir: Path,
+                                                                       embedder) -> None:
+    from ragqa.chain import QA
+    from ragqa.index import Index, Progress
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    make_pdf(docs / "lakes.pdf", PDF_PAGES)
+    make_docx(docs / "lighthouse.docx")
+    (docs / "festival.html").write_text(HTML_PAGE, encoding="utf-8")
+    (docs / "orchard.md").write_text(MARKDOWN, encoding="utf-8")
+    for encoding, text in ENCODED_TEXTS.items():
+        (docs / f"{encoding}.txt").write_bytes(text.encode(encoding))
+    make_pdf(docs / "scan.pdf", [[], []])
+    (docs / "broken.docx").write_bytes(b"PK\x03\x04 not a zip archive" * 10)
+    settings = make_settings(index=tmp_path / "index", models=models_dir, model=SMALL_MODEL, max_tokens=96)
+    idx = Index(settings, embedder=embedder)
+    warned: list[str] = []
+    report = idx.ingest([docs], progress=Progress(warn=warned.append))
+
+    assert report.files_added == 8, report
+    assert sorted(Path(s.split(":")[0]).name for s in report.skipped) == ["broken.docx", "scan.pdf"]
+    assert any("scan.pdf: no text layer (scanned?)" in w for w in warned)
+    chunks = list(idx.load_chunks().values())
+    indexed = "\n".join(c.text for c in chunks)
+    assert not [noise for noise in HTML_NOISE if noise in indexed]
+    assert {c.page for c in chunks if c.source.endswith("lakes.pdf")} == {1, 2, 3}
+    assert {c.page for c in chunks if not c.source.endswith(".pdf")} == {None}
+    stored = idx.store._collection.get(where={"source": str(docs / "lakes.pdf")}, include=["metadatas"])
+    assert sorted(m["page"] for m in stored["metadatas"]) == [1, 2, 3]
+    again = idx.ingest([docs], progress=Progress(warn=warned.append))
+    assert again.files_unchanged == 10 and again.chunks_embedded == 0 and not again.skipped  # skips remembered
+
+    qa = QA(settings, index=idx)
+    for question, name, page, facts in FORMAT_QUESTIONS:
+        answer = qa.ask(question)
+        assert Path(answer.retrieved[0]["source"]).name == name, (question, answer.retrieved[0])
+        assert answer.refused is False and answer.citations, (question, answer.answer)
+        assert any(fact in (answer.answer or "") for fact in facts), (question, answer.answer)
+        cited = [c for c in answer.citations if Path(c["source"]).name == name]
+        assert cited, (question, answer.answer, answer.citations)
+        assert {c["page"] for c in cited} == {page}
+
+    env = {"RAGQA_INDEX": str(settings.index_dir), "RAGQA_MODELS": str(models_dir), "RAGQA_MODEL": SMALL_MODEL,
+           "RAGQA_MAX_TOKENS": "96"}
+    proc = run_cli("ask", FORMAT_QUESTIONS[0][0], env=env)
+    assert proc.returncode == 0, proc.stderr
+    sources = re.findall(r"^\[\d+\] (\S+) p\.(\d+)", proc.stdout, flags=re.MULTILINE)
+    assert (str(docs / "lakes.pdf"), "2") in sources, proc.stdout
