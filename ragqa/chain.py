@@ -97,6 +97,16 @@ def display_source(path: str) -> str:
         return path
 
 
+def source_label(source: dict[str, Any]) -> str:
+    """Where a cited passage is: `file.pdf p.3` for paged documents, whose line numbers mean nothing to a
+    reader, and `FILE:LINE-LINE` otherwise."""
+    path = display_source(str(source["source"]))
+    if source.get("page"):
+        return f"{path} p.{source['page']}"
+    first, last = source["lines"]
+    return f"{path}:{first}-{last}" if first != last else f"{path}:{first}"
+
+
 @dataclass
 class Answer:
     question: str
@@ -193,7 +203,8 @@ def format_passages(hits: list[Hit]) -> str:
     parts = []
     for i, hit in enumerate(hits, start=1):
         c = hit.chunk
-        label = Path(c.source).name + (f" · {c.heading}" if c.heading else "")
+        page = f" p.{c.page}" if c.page else ""  # so the model can say which page a fact is on
+        label = Path(c.source).name + page + (f" · {c.heading}" if c.heading else "")
         parts.append(_defang(f"[{i}] ({label})\n{c.text.strip()}"))
     return "<documents>\n" + "\n\n".join(parts) + "\n</documents>"
 
@@ -447,6 +458,7 @@ class QA:
             "end": c.end,
             "text": c.text,
             "lines": [c.start_line, c.end_line],
+            "page": c.page,
             "heading": c.heading,
         }
 

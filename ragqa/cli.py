@@ -185,13 +185,13 @@ def write_now(text: str) -> None:
 
 
 def print_sources(answer: Any) -> None:
-    from ragqa.chain import display_source
+    from rich.markup import escape
+
+    from ragqa.chain import source_label
 
     for c in answer.citations:
-        lines = c["lines"]
-        span = f"{lines[0]}-{lines[1]}" if lines[0] != lines[1] else f"{lines[0]}"
         heading = f"  [dim]{escape(c['heading'])}[/]" if c.get("heading") else ""
-        out.print(f"[bold][{c['n']}][/] {escape(display_source(c['source']))}:{span}{heading}")
+        out.print(f"[bold][{c['n']}][/] {escape(source_label(c))}{heading}")
 
 
 @app.command()

@@ -31,7 +31,7 @@ from typing import Any
 
 from ragqa.config import Settings
 from ragqa.errors import RagqaError, storage_error
-from ragqa.ingest import Chunk, SkipFile, iter_files, load_text, split_text
+from ragqa.ingest import Chunk, Document, SkipFile, iter_files, load_document, split_document
 
 SCHEMA_VERSION = 1
 _WORD = re.compile(r"\w", re.UNICODE)
@@ -112,10 +112,11 @@ class Index:
                 CREATE TABLE IF NOT EXISTS files(path TEXT PRIMARY KEY, sha256 TEXT, size INTEGER, n_chunks INTEGER);
                 CREATE TABLE IF NOT EXISTS chunks(
                     id TEXT PRIMARY KEY, source TEXT, start INTEGER, "end" INTEGER, heading TEXT,
-                    start_line INTEGER, end_line INTEGER, text TEXT, tokens TEXT);
+                    start_line INTEGER, end_line INTEGER, text TEXT, tokens TEXT, page INTEGER);
                 CREATE INDEX IF NOT EXISTS chunks_source ON chunks(source);
                 """
             )
+            _add_page_column(con)
             con.execute("SELECT count(*) FROM chunks").fetchone()
         except (sqlite3.DatabaseError, OSError) as exc:
             raise self._open_error(exc) from None
@@ -149,14 +150,14 @@ class Index:
             try:
                 con.execute("BEGIN")
                 rows = con.execute(
-                    'SELECT id, source, start, "end", text, heading, start_line, end_line, tokens FROM chunks'
+                    'SELECT id, source, start, "end", text, heading, start_line, end_line, tokens, page FROM chunks'
                 ).fetchall()
                 con.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
                 raise self._open_error(exc) from None
             finally:
                 con.close()
-            self._chunks = {r[0]: Chunk(*r[:8]) for r in rows}
+            self._chunks = {r[0]: Chunk(*r[:8], page=r[9]) for r in rows}
             self._tokens = {r[0]: json.loads(r[8]) for r in rows}
         return self._chunks
 
@@ -354,7 +355,7 @@ class Index:
                     live_by_file.setdefault(src, []).append(cid)
                 restored = 0
                 files = list(iter_files(paths))
-                plan: list[tuple[str, str, str]] = []  # (path, sha, text)
+                plan: list[tuple[str, str, Document]] = []  # (path, sha, extracted text)
                 seen: set[str] = set()
                 unusable: set[str] = set()  # present but unreadable now: their old chunks must go too
                 not_text: list[tuple[str, str]] = []  # remembered, so an unchanged binary is not re-read
@@ -376,14 +377,16 @@ class Index:
                             continue
                         restored += 1
                     try:
-                        text = load_text(path)
+                        doc = load_document(path, data)
                     except SkipFile as exc:
                         report.skipped.append(str(exc))
                         progress.warn(str(exc))
                         unusable.add(key)
                         not_text.append((key, digest))
                         continue
-                    plan.append((key, digest, text))
+                    for warning in doc.warnings:
+                        progress.warn(warning)
+                    plan.append((key, digest, doc))
                 progress.files(len(files), len(files), "")
                 if restored:
                     progress.warn(f"{restored} unchanged file(s) had vectors missing from {self._where()}; "
@@ -397,10 +400,10 @@ class Index:
                 ]
 
                 new_chunks: list[Chunk] = []
-                for key, digest, text in plan:
+                for key, digest, doc in plan:
                     new_chunks.extend(
-                        split_text(text, key, self.settings.chunk_size, self.settings.chunk_overlap, digest,
-                                   default_separators=self.splitter == "langchain-default")
+                        split_document(doc, key, self.settings.chunk_size, self.settings.chunk_overlap, digest,
+                                       default_separators=self.splitter == "langchain-default")
                     )
                 if new_chunks:
                     te = time.perf_counter()
@@ -415,10 +418,11 @@ class Index:
                     report.chunks_removed += con.execute("DELETE FROM chunks WHERE source = ?", (p,)).rowcount
                     con.execute("DELETE FROM files WHERE path = ?", (p,))
                 con.executemany(
-                    'INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?,?,?)',
+                    'INSERT OR REPLACE INTO chunks(id, source, start, "end", heading, start_line, end_line, text, '
+                    "tokens, page) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     [
                         (c.id, c.source, c.start, c.end, c.heading, c.start_line, c.end_line, c.text,
-                         json.dumps(tokenize(f"{c.heading}\n{c.text}"), ensure_ascii=False))
+                         json.dumps(tokenize(f"{c.heading}\n{c.text}"), ensure_ascii=False), c.page)
                         for c in new_chunks
                     ],
                 )
@@ -427,7 +431,7 @@ class Index:
                     counts[c.source] = counts.get(c.source, 0) + 1
                 con.executemany(
                     "INSERT OR REPLACE INTO files VALUES (?,?,?,?)",
-                    [(k, d, len(t.encode("utf-8", "surrogatepass")), counts.get(k, 0)) for k, d, t in plan],
+                    [(k, d, len(t.text.encode("utf-8", "surrogatepass")), counts.get(k, 0)) for k, d, t in plan],
                 )
                 con.executemany("INSERT OR REPLACE INTO files VALUES (?,?,0,-1)", not_text)
                 con.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", list(settings_meta.items()))
@@ -585,6 +589,17 @@ class _WriteGuard:
                 pass  # the original failure is the one worth reporting
         if isinstance(exc, OSError | sqlite3.DatabaseError):
             raise (storage_error(exc, self.index.dir, "ingest") or self.index._open_error(exc)) from None
+
+
+def _add_page_column(con: sqlite3.Connection) -> None:
+    """Indexes built before PDF support lack `chunks.page`; their chunks are all unpaged (NULL)."""
+    if "page" in {row[1] for row in con.execute("PRAGMA table_info(chunks)")}:
+        return
+    try:
+        con.execute("ALTER TABLE chunks ADD COLUMN page INTEGER")
+    except sqlite3.OperationalError as exc:
+        if "duplicate column" not in str(exc):  # another process migrated it first
+            raise
 
 
 class _LazyEmbeddings:

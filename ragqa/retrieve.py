@@ -33,6 +33,7 @@ class Hit:
             "score": round(self.score, 6),
             "heading": c.heading,
             "lines": [c.start_line, c.end_line],
+            "page": c.page,
             "dense_score": None if self.dense_score is None else round(self.dense_score, 6),
             "dense_rank": self.dense_rank,
             "bm25_score": None if self.bm25_score is None else round(self.bm25_score, 6),

@@ -176,3 +176,17 @@ def test_cli_bad_questions_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("ask", "", env=env), "empty")
     assert_one_line_error(run_cli("ask", "x" * 100_000, env=env), "100,000 characters")
     assert_one_line_error(run_cli("ask", "q?", env=env), "no index at")
+
+
+def test_paged_sources_are_cited_by_page_and_others_by_line() -> None:
+    from ragqa.chain import source_label
+    from ragqa.ingest import Chunk
+    from ragqa.retrieve import Hit
+
+    assert source_label({"source": "/x/report.pdf", "lines": [7, 9], "page": 3}) == "/x/report.pdf p.3"
+    assert source_label({"source": "/x/notes.txt", "lines": [7, 9], "page": None}) == "/x/notes.txt:7-9"
+    assert source_label({"source": "/x/notes.txt", "lines": [4, 4]}) == "/x/notes.txt:4"
+    pdf = Hit(Chunk("id", "/x/report.pdf", 0, 5, "青岚湖水深四十七米", "湖泊数据", 3, 3, page=2), 0.1)
+    prompt = build_messages("青岚湖有多深？", [pdf])[1]["content"]
+    assert "[1] (report.pdf p.2 · 湖泊数据)" in prompt
+    assert pdf.as_dict()["page"] == 2 and QA._citation(1, pdf)["page"] == 2

@@ -169,3 +169,27 @@ def test_a_folder_deleted_elsewhere_leaves_nothing_behind(tmp_path: Path, embedd
     report = idx.ingest([other])
     assert report.files_added == 1 and report.files_removed == 2
     assert set(_sources(idx)) == {"c.txt"} and _vector_sources(idx) == {"c.txt"}
+
+
+def test_an_index_from_before_pages_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = tmp_path / "old"
+    old.mkdir()
+    con = sqlite3.connect(old / "state.sqlite")
+    con.executescript(
+        """
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT);
+        CREATE TABLE files(path TEXT PRIMARY KEY, sha256 TEXT, size INTEGER, n_chunks INTEGER);
+        CREATE TABLE chunks(id TEXT PRIMARY KEY, source TEXT, start INTEGER, "end" INTEGER, heading TEXT,
+            start_line INTEGER, end_line INTEGER, text TEXT, tokens TEXT);
+        INSERT INTO chunks VALUES ('c1', '/docs/a.txt', 0, 4, '标题', 1, 1, '一段正文', '["正文"]');
+        """
+    )
+    con.close()
+    chunks = Index(make_settings(index=old)).load_chunks()
+    assert chunks["c1"].text == "一段正文" and chunks["c1"].page is None
+    con = sqlite3.connect(old / "state.sqlite")
+    assert "page" in {row[1] for row in con.execute("PRAGMA table_info(chunks)")}
+    con.close()
+    assert Index(make_settings(index=old)).load_chunks()["c1"].heading == "标题"  # a second open is a no-op
