@@ -59,6 +59,22 @@ def rrf_fuse(
     return [(d, fused[d], detail[d]) for d in order]
 
 
+def distinct_texts(fused: list[tuple[str, float, dict]], chunks: dict, k: int) -> list[tuple[str, float, dict]]:
+    """The top k whose texts differ: a file indexed twice (a copy in another folder, a backup) would
+    otherwise fill the k places with pairs of one passage and crowd out the second-best evidence."""
+    seen: set[str] = set()
+    out = []
+    for item in fused:
+        text = chunks[item[0]].text.strip()
+        if text in seen:
+            continue
+        seen.add(text)
+        out.append(item)
+        if len(out) == k:
+            break
+    return out
+
+
 @dataclass
 class Retrieval:
     hits: list[Hit]
@@ -93,7 +109,7 @@ class HybridRetriever:
             t1 = time.perf_counter()
         if self.mode in ("hybrid", "bm25"):
             lists["bm25"] = self.index.bm25_search(query, self.fetch_k)
-        fused = rrf_fuse(lists, k, self.rrf_k)
+        fused = distinct_texts(rrf_fuse(lists, 2 * self.fetch_k, self.rrf_k), chunks, k)
         t2 = time.perf_counter()
         hits = []
         for doc_id, score, detail in fused:

@@ -4,7 +4,7 @@ import pytest
 
 from ragqa.config import Settings
 from ragqa.index import Index
-from ragqa.retrieve import HybridRetriever, rrf_fuse
+from ragqa.retrieve import HybridRetriever, distinct_texts, rrf_fuse
 
 
 def test_rrf_fuse_orders_by_summed_reciprocal_ranks() -> None:
@@ -49,3 +49,29 @@ def test_dense_only_and_bm25_only_modes(corpus_settings: Settings, embedder) -> 
     bm25 = HybridRetriever(idx, k=3, mode="bm25").retrieve("DeepSeek 的训练成本")
     assert all(h.bm25_score is None for h in dense.hits)
     assert all(h.dense_score is None for h in bm25.hits)
+
+
+def test_distinct_texts_keeps_the_best_of_each_text() -> None:
+    from types import SimpleNamespace
+
+    texts = {"a": "同一段。", "b": "同一段。\n", "c": "另一段。", "d": "第三段。"}
+    chunks = {i: SimpleNamespace(text=t) for i, t in texts.items()}
+    fused = [(i, 1.0 / n, {}) for n, i in enumerate("abcd", start=1)]
+    assert [d for d, _, _ in distinct_texts(fused, chunks, k=2)] == ["a", "c"]
+    assert [d for d, _, _ in distinct_texts(fused, chunks, k=5)] == ["a", "c", "d"]
+
+
+@pytest.mark.slow
+def test_a_file_indexed_twice_does_not_fill_the_hits_with_copies(tmp_path: Path, embedder) -> None:
+    from .conftest import CORPUS, make_settings
+
+    src = sorted(CORPUS.glob("*.txt"))[1]
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / src.name).write_bytes(src.read_bytes())
+    settings = make_settings(index=tmp_path / "index")
+    idx = Index(settings, embedder=embedder)
+    idx.ingest([tmp_path / "a", tmp_path / "b"])
+    hits = HybridRetriever(idx, k=5).retrieve("生成式人工智能").hits
+    texts = [h.chunk.text.strip() for h in hits]
+    assert len(hits) == 5 and len(set(texts)) == 5
