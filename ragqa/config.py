@@ -38,6 +38,7 @@ class Settings:
     chunk_size: int = 400
     chunk_overlap: int = 80
     k: int = 5
+    context_tokens: int = 320  # passage tokens in the prompt: sentences chosen to fill it; 0 = whole passages
     fetch_k: int = 20
     rrf_k: int = 60
     embed_batch_size: int = 16
@@ -49,6 +50,7 @@ class Settings:
     max_tokens: int = 400
     chat_format: str | None = None
     seed: int = 42
+    prompt_cache: bool = True  # keep the KV state of the fixed system prompts on disk (home/cache)
     # Remote services (scale-out).
     llm_url: str | None = None
     llm_model: str | None = None
@@ -100,6 +102,13 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
     if raw is None or (optional and isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
         return None
     try:
+        if hint is bool or str(hint) == "bool":
+            if isinstance(raw, bool):
+                return raw
+            word = str(raw).strip().lower()
+            if word not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return word in ("1", "true", "yes", "on")
         if "Path" in str(hint):
             return Path(os.path.expanduser(str(raw)))
         if "int" in str(hint) and "float" not in str(hint):

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 import os
 import re
 import struct
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -138,6 +140,7 @@ class LlamaCppChat:
         self.client = self.chat.client
         self.n_ctx = self.client.n_ctx()
         self.usage: dict[str, int | None] = {"prompt_tokens": None, "completion_tokens": None}
+        self.prefixes = PrefixCache(self.client, path, settings) if settings.prompt_cache else None
 
     def count_tokens(self, text: str) -> int:
         return len(self.client.tokenize(text.encode("utf-8"), add_bos=False, special=False))
@@ -145,6 +148,8 @@ class LlamaCppChat:
     def stream(self, messages: list[Message], max_tokens: int) -> Iterator[str]:
         lc_messages = _lc_messages(messages)
         completion = 0
+        if self.prefixes and messages and messages[0]["role"] == "system":
+            self.prefixes.restore(messages[0]["content"])
         try:
             for chunk in self.chat.stream(lc_messages, max_tokens=max_tokens):
                 text = chunk.content if isinstance(chunk.content, str) else ""
@@ -156,9 +161,130 @@ class LlamaCppChat:
             self.usage = {"prompt_tokens": max(0, self.client.n_tokens - completion), "completion_tokens": completion}
 
 
+class PrefixCache:
+    """The evaluated KV state of fixed system prompts, kept in memory and on disk.
+
+    llama-cpp-python reuses the longest token prefix shared with the *previous* call only. The fixed part of
+    ragqa's prompts (the rules, ~180 tokens, ~2 s of prompt processing on 2 cores) would still be evaluated
+    again by every fresh `ragqa ask` process, after each chat follow-up's rewrite call (another system prompt)
+    and whenever the question language switches. So each system prompt is evaluated once per machine: its
+    state (~5 MB) is saved under home/cache and loaded in milliseconds. A file that fails to load is deleted
+    and the prompt is evaluated as if there were no cache: the cache can cost time, never an answer.
+    """
+
+    MAX_FILES = 16
+
+    def __init__(self, client: Any, model_path: Path, settings: Settings) -> None:
+        import llama_cpp
+
+        self.client = client
+        self.dir = Path(settings.home) / "cache" / "prompts"
+        stat = model_path.stat()
+        # Everything the saved bytes depend on; a change in any of them makes a new file, never a wrong state.
+        self.salt = "|".join(map(str, (
+            model_path.resolve(), stat.st_size, stat.st_mtime_ns, llama_cpp.__version__, self.client.n_ctx(),
+            self.client.n_batch, settings.gpu_layers, settings.chat_format, settings.seed,
+        )))
+        self.seed = settings.seed
+        self.states: dict[str, Any] = {}
+        self.current: str | None = None  # the system prompt the KV cache starts with, as far as we know
+        self.loaded_tokens = 0  # tokens restored by the last `restore`: not evaluated for that call
+
+    def restore(self, system: str) -> None:
+        self.loaded_tokens = 0
+        if self.current == system and self.client.n_tokens > 0:
+            return  # llama-cpp-python's own prefix match will reuse it
+        self.current = None
+        state = self.states.get(system) or self._read(system) or self._prime(system)
+        if state is None:
+            return
+        try:
+            self.client.load_state(state)
+        except Exception:  # noqa: BLE001 - a bad file must never cost the answer
+            self._forget(system)
+            self.client.reset()
+            return
+        self.states[system] = state
+        self.current = system
+        self.loaded_tokens = int(state.n_tokens)
+
+    def _file(self, system: str) -> Path:
+        digest = hashlib.sha256(f"{self.salt}|{system}".encode()).hexdigest()[:24]
+        return self.dir / f"{digest}.npz"
+
+    def _state(self, ids: Any, data: bytes) -> Any:
+        import numpy as np
+        from llama_cpp.llama import LlamaState
+
+        n = len(ids)
+        input_ids = np.zeros(self.client.n_ctx(), dtype=np.intc)
+        input_ids[:n] = ids
+        # Logits are not saved (n x 152k floats); the suffix decode of the next call recomputes them.
+        scores = np.broadcast_to(np.zeros(self.client.n_vocab(), dtype=np.single), (n, self.client.n_vocab()))
+        return LlamaState(input_ids, scores, n, data, len(data), self.seed)
+
+    def _read(self, system: str) -> Any:
+        import numpy as np
+
+        path = self._file(system)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                return self._state(saved["ids"], saved["state"].tobytes())
+        except Exception:  # noqa: BLE001 - truncated or foreign file
+            self._forget(system)
+            return None
+
+    def _prime(self, system: str) -> Any:
+        """Evaluate the system prompt once (with an empty user turn, whose header the real prompt shares)."""
+        import numpy as np
+
+        self.client.reset()
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": ""}]
+        with _quiet_stderr():
+            self.client.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+        n = int(self.client.n_tokens)
+        if not 0 < n <= self.client.n_batch:  # llama-cpp-python keeps logits for at most n_batch rows
+            return None
+        saved = self.client.save_state()
+        state = self._state(np.array(self.client.input_ids[:n], dtype=np.intc), saved.llama_state)
+        path = self._file(system)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                np.savez(fh, ids=state.input_ids[:n], state=np.frombuffer(state.llama_state, dtype=np.uint8))
+            os.replace(tmp, path)
+            self._prune()
+        except OSError:
+            pass  # a read-only or full home only costs the next process the evaluation
+        return state
+
+    def _prune(self) -> None:
+        files = sorted(self.dir.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in files[self.MAX_FILES :]:
+            old.unlink(missing_ok=True)
+
+    def _forget(self, system: str) -> None:
+        self.states.pop(system, None)
+        with contextlib.suppress(OSError):
+            self._file(system).unlink(missing_ok=True)
+
+
+# Held while fd 2 points at /dev/null: a model may load in a background thread (QA.prepare) while the main
+# thread fails, and the CLI waits on this lock so its one-line error is never printed into /dev/null.
+STDERR_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """llama.cpp logs from C even with verbose=False when a load fails; keep the terminal to our one line."""
+    with STDERR_LOCK:
+        yield from _redirect_stderr()
+
+
+def _redirect_stderr() -> Iterator[None]:
     try:
         fd = os.dup(2)
     except OSError:

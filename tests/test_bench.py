@@ -137,3 +137,22 @@ def test_bench_retrieval_quick_runs_end_to_end(corpus_settings: Settings, tmp_pa
     assert synthetic["insert_rate_per_s"] > 0 and synthetic["disk_mb"] > 0
     assert res["met"] is None  # no 100k size in this run: the target is not judged
     assert "retrieval, query embedding excluded" in proc.stdout and "rank_bm25 p95" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_ttft_restores_the_saved_system_prompt_each_fresh_process(corpus_settings: Settings,
+                                                                       tmp_path: Path) -> None:
+    """The real ttft benchmark (0.5B, 3 questions): every question starts from an empty KV cache and loads
+    the system prompt's state from disk, so fewer tokens are evaluated than the prompt holds."""
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "ttft", "--quick", "--questions", "3", "--model", "qwen2.5-coder-0.5b-instruct",
+                   "--index", str(corpus_settings.index_dir), "--out", str(out),
+                   env={"RAGQA_HOME": str(tmp_path / "home"), "RAGQA_MODELS": str(corpus_settings.models_dir)})
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "ttft.json").read_text(encoding="utf-8"))
+    assert res["questions"] == 3 and res["prompt_cache"] is True and res["context_tokens"] == 320
+    for row in res["per_question"]:
+        assert 20 < row["cached_tokens"] < row["prompt_tokens"]
+    assert res["evaluated_tokens_mean"] < res["prompt_tokens_mean"]
+    assert list((tmp_path / "home" / "cache" / "prompts").glob("*.npz"))
+    assert "of which evaluated" in proc.stdout

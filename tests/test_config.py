@@ -49,3 +49,14 @@ def test_unknown_toml_key(tmp_path: Path) -> None:
     toml.write_text("chunksize = 3\n", encoding="utf-8")
     with pytest.raises(RagqaError, match="unknown key 'chunksize'"):
         load_settings({}, env={"RAGQA_CONFIG": str(toml)})
+
+
+def test_switches_read_as_booleans_from_every_layer(tmp_path: Path) -> None:
+    assert load_settings({}, env={}).prompt_cache is True
+    assert load_settings({}, env={"RAGQA_PROMPT_CACHE": "off"}).prompt_cache is False
+    assert load_settings({"prompt_cache": "1"}, env={"RAGQA_PROMPT_CACHE": "no"}).prompt_cache is True
+    toml = tmp_path / "ragqa.toml"
+    toml.write_text("prompt_cache = false\n", encoding="utf-8")
+    assert load_settings({}, env={"RAGQA_CONFIG": str(toml)}).prompt_cache is False
+    with pytest.raises(RagqaError, match="invalid value 'maybe' for 'prompt_cache'"):
+        load_settings({}, env={"RAGQA_PROMPT_CACHE": "maybe"})

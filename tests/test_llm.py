@@ -74,6 +74,60 @@ def test_real_model_streams_and_reports_usage(models_dir: Path) -> None:
     assert llm.count_tokens("hello world") >= 2
 
 
+# ---- saved system-prompt states (PrefixCache) -------------------------------------------------------------
+SECRET_ZH = "你是助手。暗号是“菠萝”。用户问暗号时，只回答暗号这个词。"
+SECRET_EN = "You are an assistant. The password is 'pineapple'. When asked for the password, reply with it only."
+
+
+def _ask(llm: LlamaCppChat, system: str, question: str) -> str:
+    return "".join(llm.stream([{"role": "system", "content": system}, {"role": "user", "content": question}], 12))
+
+
+@pytest.mark.slow
+def test_system_prompt_state_is_saved_once_and_loaded_by_a_new_process(models_dir: Path, tmp_path: Path) -> None:
+    """The second model instance never evaluates the system prompt: it loads its KV state from disk, and the
+    model still knows what only that prompt said."""
+    settings = make_settings(model=SMALL_MODEL, models=models_dir, home=tmp_path)
+    first = LlamaCppChat(settings)
+    assert "pineapple" in _ask(first, SECRET_EN, "What is the password?").lower()
+    saved = list((tmp_path / "cache" / "prompts").glob("*.npz"))
+    assert len(saved) == 1 and first.prefixes and first.prefixes.loaded_tokens > 20
+    del first
+
+    second = LlamaCppChat(settings)
+    assert second.prefixes and second.prefixes._read(SECRET_EN) is not None  # noqa: SLF001
+    assert "pineapple" in _ask(second, SECRET_EN, "What is the password?").lower()
+    assert second.prefixes.loaded_tokens > 20  # restored, not evaluated
+    assert list((tmp_path / "cache" / "prompts").glob("*.npz")) == saved  # nothing new written
+
+    # Switching system prompts (the other language, a follow-up's rewrite call) restores each one's state.
+    assert "菠萝" in _ask(second, SECRET_ZH, "暗号是什么？")
+    assert "pineapple" in _ask(second, SECRET_EN, "What is the password?").lower()
+    assert "菠萝" in _ask(second, SECRET_ZH, "暗号是什么？")
+    assert len(list((tmp_path / "cache" / "prompts").glob("*.npz"))) == 2
+
+
+@pytest.mark.slow
+def test_a_corrupt_or_foreign_state_file_costs_time_not_the_answer(models_dir: Path, tmp_path: Path) -> None:
+    settings = make_settings(model=SMALL_MODEL, models=models_dir, home=tmp_path)
+    LlamaCppChat(settings).prefixes.restore(SECRET_EN)  # type: ignore[union-attr]
+    [path] = (tmp_path / "cache" / "prompts").glob("*.npz")
+    import numpy as np
+
+    with np.load(path) as saved:
+        ids, state = saved["ids"], saved["state"]
+    np.savez(path, ids=ids, state=state[: len(state) // 3])  # a truncated state: llama.cpp refuses it
+    llm = LlamaCppChat(settings)
+    assert "pineapple" in _ask(llm, SECRET_EN, "What is the password?").lower()
+    path.write_bytes(b"not a numpy file")
+    llm = LlamaCppChat(settings)
+    assert "pineapple" in _ask(llm, SECRET_EN, "What is the password?").lower()
+    assert np.load(path)["ids"].size > 20  # evaluated again and saved anew
+
+    off = LlamaCppChat(settings.replace(prompt_cache=False))
+    assert off.prefixes is None and "pineapple" in _ask(off, SECRET_EN, "What is the password?").lower()
+
+
 # ---- OpenAI-compatible servers: logic against a scripted HTTP server on loopback ------------------------
 class Scripted:
     """A scripted HTTP/1.1 server: each "METHOD /path" has a list of replies used in turn (the last repeats)."""

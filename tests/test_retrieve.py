@@ -4,7 +4,8 @@ import pytest
 
 from ragqa.config import Settings
 from ragqa.index import Index
-from ragqa.retrieve import HybridRetriever, distinct_texts, rrf_fuse
+from ragqa.ingest import Chunk
+from ragqa.retrieve import Hit, HybridRetriever, distinct_texts, focus, rrf_fuse, sentences
 
 
 def test_rrf_fuse_orders_by_summed_reciprocal_ranks() -> None:
@@ -75,3 +76,82 @@ def test_a_file_indexed_twice_does_not_fill_the_hits_with_copies(tmp_path: Path,
     hits = HybridRetriever(idx, k=5).retrieve("生成式人工智能").hits
     texts = [h.chunk.text.strip() for h in hits]
     assert len(hits) == 5 and len(set(texts)) == 5
+
+
+# ---- focus: sentences within a token budget ------------------------------------------------------------
+def test_sentences_split_chinese_and_english_and_give_back_the_text() -> None:
+    text = "杰文斯悖论由杰文斯提出。效率提高，消耗反而增加！为什么？GPT-3.5 has 175B params. Next one\n标题\n"
+    parts = sentences(text)
+    assert "".join(parts) == text
+    assert parts[:3] == ["杰文斯悖论由杰文斯提出。", "效率提高，消耗反而增加！", "为什么？"]
+    assert "GPT-3.5 has 175B params." in parts  # a decimal point does not end a sentence
+
+
+def _hit(i: int, text: str) -> Hit:
+    return Hit(Chunk(f"c{i}", f"/d/{i}.txt", 0, len(text), text, "", 1, 1), 1.0 / (i + 1))
+
+
+def test_focus_keeps_everything_when_it_fits() -> None:
+    hits = [_hit(0, "短句一。短句二。"), _hit(1, "短句三。")]
+    assert focus("问题", hits, budget=100, count_tokens=len) == hits
+
+
+def test_focus_picks_relevant_sentences_within_the_budget_and_keeps_passage_order() -> None:
+    filler = "这里是一段与问题无关的背景描述文字。"
+    hits = [
+        _hit(0, filler * 3 + "杰文斯悖论指效率提高反而增加资源消耗。" + filler),
+        _hit(1, filler * 4),
+        _hit(2, "杰文斯在1865年提出了这个悖论。" + filler * 2),
+    ]
+    budget = 60
+    out = focus("杰文斯悖论是谁提出的？", hits, budget=budget, count_tokens=len)
+    assert sum(len(h.prompt_text) for h in out) - sum(h.prompt_text.count("…") for h in out) <= budget
+    texts = [h.prompt_text for h in out]
+    assert any("1865" in t for t in texts) and any("增加资源消耗" in t for t in texts)
+    assert [h.chunk.id for h in out] == sorted(h.chunk.id for h in out)  # rank order kept
+    assert "c1" not in [h.chunk.id for h in out]  # a passage with nothing relevant is dropped
+
+
+def test_focus_uses_the_embedding_for_cross_lingual_relevance() -> None:
+    hits = [_hit(0, "甲句子。乙句子。丙句子。丁句子。")]
+    vectors = {"甲句子。": [1.0, 0.0], "乙句子。": [0.0, 1.0], "丙句子。": [0.0, 1.0], "丁句子。": [0.6, 0.8]}
+    out = focus("Which one?", hits, budget=4, count_tokens=len, query_vector=[1.0, 0.0],
+                embed=lambda texts: [vectors[t] for t in texts])
+    assert out[0].context == "甲句子。"
+    assert out[0].as_dict()["context"] == "甲句子。" and out[0].as_dict()["text"] == hits[0].chunk.text
+
+
+def test_focus_marks_a_gap_between_kept_sentences() -> None:
+    vectors = {"甲。": [1.0, 0.0], "乙乙乙乙。": [0.0, 1.0], "丙。": [0.9, 0.1]}
+    out = focus("Q", [_hit(0, "甲。乙乙乙乙。丙。")], budget=4, count_tokens=len, query_vector=[1.0, 0.0],
+                embed=lambda texts: [vectors[t] for t in texts])
+    assert out[0].context == "甲。…丙。"
+
+
+def test_focus_adds_neighbours_when_room_is_left() -> None:
+    hits = [_hit(0, "它由杰文斯提出。" + "无关。" * 10 + "杰文斯悖论的定义是什么。" + "也无关的长句子在这里。" * 3)]
+    out = focus("杰文斯悖论的定义", hits, budget=20, count_tokens=len)
+    assert "杰文斯悖论的定义是什么。" in out[0].prompt_text and "无关。" in out[0].prompt_text
+
+
+@pytest.mark.slow
+def test_focused_context_keeps_the_evidence_of_real_questions(small_qa) -> None:
+    """On the real index and embedder: the quoted evidence survives trimming to 320 tokens."""
+    import json
+
+    suite = Path(__file__).parent.parent / "evals/corpus_qa.jsonl"
+    rows = [json.loads(line) for line in suite.open(encoding="utf-8")]
+    rows = [r for r in rows if r.get("evidence")][:12]
+    kept = found = 0
+    for row in rows:
+        retrieval = small_qa.retriever.retrieve(row["question"])
+        whole = " ".join(h.chunk.text for h in retrieval.hits)
+        quotes = [q for q in row["evidence"] if q in whole]
+        if not quotes:
+            continue
+        found += 1
+        out = focus(row["question"], retrieval.hits, 320, small_qa.llm.count_tokens, retrieval.vector,
+                    small_qa.index.embedder.embed_documents)
+        assert sum(small_qa.llm.count_tokens(h.prompt_text) for h in out) <= 320 + 8 * len(out)
+        kept += any(q[:12] in " ".join(h.prompt_text for h in out) for q in quotes)
+    assert found >= 6 and kept >= found - 1
