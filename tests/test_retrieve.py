@@ -96,20 +96,27 @@ def test_focus_keeps_everything_when_it_fits() -> None:
     assert focus("问题", hits, budget=100, count_tokens=len) == hits
 
 
-def test_focus_picks_relevant_sentences_within_the_budget_and_keeps_passage_order() -> None:
+def test_focus_keeps_the_best_passages_whole_then_the_relevant_sentences_of_the_next() -> None:
     filler = "这里是一段与问题无关的背景描述文字。"
     hits = [
-        _hit(0, filler * 3 + "杰文斯悖论指效率提高反而增加资源消耗。" + filler),
-        _hit(1, filler * 4),
-        _hit(2, "杰文斯在1865年提出了这个悖论。" + filler * 2),
+        _hit(0, "杰文斯悖论指效率提高反而增加资源消耗。"),
+        _hit(1, filler * 3 + "杰文斯在1865年提出了这个悖论。" + filler * 2),
+        _hit(2, "杰文斯悖论的另一个例子。" + filler),
     ]
     budget = 60
     out = focus("杰文斯悖论是谁提出的？", hits, budget=budget, count_tokens=len)
-    assert sum(len(h.prompt_text) for h in out) - sum(h.prompt_text.count("…") for h in out) <= budget
-    texts = [h.prompt_text for h in out]
-    assert any("1865" in t for t in texts) and any("增加资源消耗" in t for t in texts)
+    assert sum(len(h.prompt_text.replace("…", "")) for h in out) <= budget
+    assert out[0] is hits[0] and out[0].context is None  # the top passage fits: whole
+    assert out[1].chunk.id == "c1" and "1865" in out[1].prompt_text and out[1].context is not None
+    assert out[1].prompt_text.count(filler) < 5  # trimmed to the relevant sentence and its neighbours
     assert [h.chunk.id for h in out] == sorted(h.chunk.id for h in out)  # rank order kept
-    assert "c1" not in [h.chunk.id for h in out]  # a passage with nothing relevant is dropped
+    assert len(out) == 2  # no room left for the third
+
+
+def test_focus_without_any_overlap_keeps_a_passage_head() -> None:
+    """An English question over Chinese text shares no bigrams: the passage's opening sentences are kept."""
+    hits = [_hit(0, "第一句。第二句。第三句。第四句。")]
+    assert focus("Who proposed it?", hits, budget=8, count_tokens=len)[0].context == "第一句。第二句。"
 
 
 def test_focus_uses_the_embedding_for_cross_lingual_relevance() -> None:
