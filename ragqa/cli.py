@@ -98,17 +98,43 @@ def models_fetch(
         spec = models.get_spec(name)
         if models.is_fetched(spec, settings.models_dir) and not force:
             err.print(escape(f"{name}: already fetched ({models.final_path(spec, settings.models_dir)})"))
-            continue
-        t0 = time.perf_counter()
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as bar:
-            task = bar.add_task(name, total=len(spec.parts))
+        else:
+            t0 = time.perf_counter()
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=err, transient=True) as bar:
+                task = bar.add_task(name, total=len(spec.parts))
 
-            def report(msg: str, done: int, total: int, task: Any = task, bar: Any = bar, name: str = name) -> None:
-                bar.update(task, completed=done, total=total, description=f"{name}: {msg}")
+                def report(msg: str, done: int, total: int, task: Any = task, bar: Any = bar, name: str = name) -> None:
+                    bar.update(task, completed=done, total=total, description=f"{name}: {msg}")
 
-            path = models.fetch(name, settings.models_dir, progress=report, force=force)
-        err.print(escape(f"{name}: fetched and verified in {time.perf_counter() - t0:.1f} s → {path}"))
+                path = models.fetch(name, settings.models_dir, progress=report, force=force)
+            err.print(escape(f"{name}: fetched and verified in {time.perf_counter() - t0:.1f} s → {path}"))
+        if spec.is_embedder and settings.embed_runtime != "torch":
+            _export_onnx(name, settings)
+
+
+def _export_onnx(name: str, settings: Any) -> None:
+    """Make the ONNX export the embedder's fast runtime needs; if it fails, say so and keep torch (unless the
+    settings insist on ONNX), since the export only changes speed, never the vectors."""
+    from ragqa import models, onnx_export
+
+    spec = models.get_spec(name)
+    folder = models.final_path(spec, settings.models_dir)
+    if spec.kind != "sentence-transformers" or not onnx_export.exportable(folder):
+        return
+    if onnx_export.export_status(folder) is None:
+        return
+    t0 = time.perf_counter()
+    err.print(escape(f"{name}: exporting to ONNX for a faster embedder (once, a few minutes)"))
+    try:
+        path = models.export_onnx(name, settings.models_dir)
+    except RagqaError as exc:
+        if settings.embed_runtime == "onnx":
+            raise
+        err.print(escape(f"warning: {exc}; {name} keeps running on torch"))
+        return
+    if path is not None:
+        err.print(escape(f"{name}: ONNX export ready in {time.perf_counter() - t0:.1f} s → {path}"))
 
 
 @models_app.command("path")

@@ -43,6 +43,7 @@ class Settings:
     fetch_k: int = 20
     rrf_k: int = 60
     embed_batch_size: int = 16
+    embed_runtime: str = "auto"  # "auto" (ONNX export if present, else torch), "onnx" or "torch"; same vectors
     # Generation.
     n_ctx: int = 4096
     n_threads: int = 2

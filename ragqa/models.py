@@ -258,6 +258,23 @@ def _fetch(name: str, models_dir: Path, progress: ProgressFn | None, force: bool
         shutil.rmtree(work, ignore_errors=True)
 
 
+def export_onnx(name: str, models_dir: Path) -> Path | None:
+    """Give a fetched sentence-transformers embedder its ONNX export (a no-op when current); None if it has none.
+
+    Kept apart from `fetch` because it needs torch and minutes of CPU: `ragqa models fetch` / `setup` call it,
+    library callers that only want the weights do not pay for it. The runtime falls back to torch without it.
+    """
+    from ragqa import onnx_export
+
+    spec = get_spec(name)
+    path = final_path(spec, models_dir)
+    if spec.kind != "sentence-transformers" or not onnx_export.exportable(path):
+        return None
+    if not is_fetched(spec, models_dir):
+        raise RagqaError(f"model {name} is not fetched yet; run: ragqa models fetch {name}")
+    return onnx_export.export_onnx(path, sha256=spec.sha256)
+
+
 def _common_prefix(names: list[str]) -> str:
     """The folder inside the zip that holds config.json (a sentence-transformers folder)."""
     for name in names:

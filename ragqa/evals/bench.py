@@ -177,7 +177,8 @@ class BenchContext:
             from ragqa.embed import load_embedder
 
             s = self.settings
-            self._embedder = load_embedder(s.embedder, s.models_dir, batch_size=s.embed_batch_size, threads=s.n_threads)
+            self._embedder = load_embedder(s.embedder, s.models_dir, batch_size=s.embed_batch_size, threads=s.n_threads,
+                                            runtime=s.embed_runtime)
         return self._embedder
 
     @property

@@ -1,0 +1,204 @@
+"""Export a sentence-transformers embedder (EmbeddingGemma) to one ONNX graph, and tell whether an export is usable.
+
+Why: importing torch + sentence-transformers costs seconds on every cold `ragqa ask`; ONNX Runtime runs the
+same fp32 graph with only onnxruntime and the Rust `tokenizers` imported. The whole pipeline (Gemma3 text
+model → mean pooling → Dense → Dense → L2 normalize) goes into one graph taking (input_ids, attention_mask),
+so the runtime adapter only tokenizes.
+
+The export lives in `<model folder>/onnx/` and is written atomically: a work folder is filled, the stamp is
+written last, and only then is it renamed into place. The stamp records the source weights (sha256, size,
+mtime) and the exporter versions; `export_status` compares it with the folder cheaply (no hashing of the
+1.2 GB weights at load time), so a stale or partial export is never used, only redone.
+
+This module imports torch only inside `export_onnx`; `export_status` and `onnx_dir` are cheap and torch-free
+because the runtime calls them on every load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ragqa.errors import RagqaError, storage_error
+
+ONNX_DIR = "onnx"
+ONNX_FILE = "model.onnx"
+STAMP_FILE = "stamp.json"
+STAMP_VERSION = 1  # bump when the graph's inputs/outputs or the wrapper's maths change
+SOURCE_WEIGHTS = "model.safetensors"
+SUPPORTED_MODEL_TYPES = ("gemma3_text",)  # the mask building below is Gemma3's (bidirectional + sliding window)
+
+
+def onnx_dir(model_dir: Path) -> Path:
+    return model_dir / ONNX_DIR
+
+
+def _source_facts(model_dir: Path) -> dict[str, Any]:
+    st = (model_dir / SOURCE_WEIGHTS).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def export_status(model_dir: Path) -> str | None:
+    """None when `<model_dir>/onnx` holds a complete export of the weights now in `model_dir`, else why not.
+
+    Cheap on purpose (stat calls and one small JSON read): it runs on every embedder load.
+    """
+    out = onnx_dir(model_dir)
+    stamp_path = out / STAMP_FILE
+    if not stamp_path.is_file():
+        return "no ONNX export"
+    try:
+        stamp = json.loads(stamp_path.read_text(encoding="utf-8"))
+        if stamp.get("stamp_version") != STAMP_VERSION:
+            return "ONNX export was made by another ragqa version"
+        if stamp.get("source") != _source_facts(model_dir):
+            return "ONNX export is of other weights than the folder now holds"
+        for name, size in stamp["files"].items():
+            path = out / name
+            if not path.is_file() or path.stat().st_size != size:
+                return f"ONNX export file {name} is missing or truncated"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "ONNX export stamp is unreadable"
+    return None
+
+
+def exportable(model_dir: Path) -> bool:
+    """Whether the folder is a pipeline this exporter reproduces exactly (Gemma3, mean pooling, Dense, Normalize)."""
+    try:
+        modules = json.loads((model_dir / "modules.json").read_text(encoding="utf-8"))
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        pooling = json.loads((model_dir / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    return (
+        config.get("model_type") in SUPPORTED_MODEL_TYPES
+        and kinds[:2] == ["Transformer", "Pooling"]
+        and all(k == "Dense" for k in kinds[2:-1])
+        and kinds[-1] == "Normalize"
+        and pooling.get("pooling_mode_mean_tokens") is True
+        and not any(v is True for k, v in pooling.items() if k.startswith("pooling_mode_") and "mean_tokens" not in k)
+    )
+
+
+def _pipeline_module(model_dir: Path) -> Any:
+    """The sentence-transformers pipeline as one nn.Module of (input_ids, attention_mask) → unit vectors.
+
+    Attention masks are built here, not by transformers: its mask helpers take data-dependent shortcuts
+    (e.g. "no padding → no mask") that a trace would freeze into the graph. EmbeddingGemma attends
+    bidirectionally; its sliding layers see keys with |q - k| < sliding_window, its full layers every
+    non-padding key, which is what transformers builds for `use_bidirectional_attention`.
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(model_dir), device="cpu", trust_remote_code=False, local_files_only=True,
+                             model_kwargs={"use_safetensors": True})
+    st.eval()
+    text_model = st[0].auto_model
+    denses = [m.linear for m in list(st)[2:] if type(m).__name__ == "Dense"]
+    for m in list(st)[2:]:
+        if type(m).__name__ == "Dense" and not isinstance(m.activation_function, torch.nn.Identity):
+            raise RagqaError(f"{model_dir.name}: a Dense layer with an activation is not supported by the exporter")
+    window = int(text_model.config.sliding_window)
+
+    class Pipeline(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text_model = text_model
+            self.denses = torch.nn.ModuleList(denses)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            seq = input_ids.shape[1]
+            pos = torch.arange(seq, device=input_ids.device)
+            keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): padding keys are never attended
+            near = (pos[:, None] - pos[None, :]).abs() < window  # (S, S)
+            neg = torch.finfo(torch.float32).min
+            zero = torch.zeros((), dtype=torch.float32)
+            full = torch.where(keys, zero, neg)
+            sliding = torch.where(keys & near[None, None], zero, neg)
+            out = self.text_model(
+                input_ids=input_ids,
+                attention_mask={"full_attention": full, "sliding_attention": sliding},
+                position_ids=pos[None, :],
+                use_cache=False,
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(out.dtype)
+            pooled = (out * mask).sum(dim=1) / torch.clamp(mask.sum(dim=1), min=1e-9)
+            for dense in self.denses:
+                pooled = dense(pooled)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    return Pipeline().eval(), st
+
+
+def export_onnx(model_dir: Path, sha256: str | None = None, opset: int = 18) -> Path:
+    """Export `model_dir` to `<model_dir>/onnx/` unless a current export is there; return that folder.
+
+    `sha256` is the verified digest of the weights (the registry's, checked by fetch); it goes in the stamp
+    for the record. Failures of the exporter itself become one line: the torch runtime still works.
+    """
+    out = onnx_dir(model_dir)
+    if export_status(model_dir) is None:
+        return out
+    if not exportable(model_dir):
+        raise RagqaError(f"{model_dir.name} is not a pipeline the ONNX exporter supports (Gemma3 + mean pooling)")
+    try:
+        return _export(model_dir, out, sha256, opset)
+    except OSError as exc:
+        raise storage_error(exc, model_dir, "exporting to ONNX") or RagqaError(
+            f"exporting {model_dir.name} to ONNX failed: {exc.strerror or exc}") from None
+
+
+def _export(model_dir: Path, out: Path, sha256: str | None, opset: int) -> Path:
+    import onnx
+    import torch
+    import transformers
+
+    work = Path(tempfile.mkdtemp(prefix=f".{ONNX_DIR}.", suffix=".partial", dir=model_dir))
+    try:
+        source = _source_facts(model_dir)
+        pipeline, _ = _pipeline_module(model_dir)
+        # Example long enough that no shape shortcut (e.g. sequence <= sliding window) is taken while tracing.
+        ids = torch.full((2, 16), 100, dtype=torch.long)
+        mask = torch.ones((2, 16), dtype=torch.long)
+        mask[1, 10:] = 0
+        target = work / ONNX_FILE
+        try:
+            with torch.no_grad():
+                torch.onnx.export(
+                    pipeline,
+                    (ids, mask),
+                    str(target),
+                    input_names=["input_ids", "attention_mask"],
+                    output_names=["sentence_embedding"],
+                    dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                  "attention_mask": {0: "batch", 1: "sequence"},
+                                  "sentence_embedding": {0: "batch"}},
+                    opset_version=opset,
+                    dynamo=False,
+                    do_constant_folding=True,
+                )
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise RagqaError(f"exporting {model_dir.name} to ONNX failed: {str(exc).splitlines()[0][:200]}") from None
+        files = {p.name: p.stat().st_size for p in work.iterdir() if p.is_file()}
+        stamp = {
+            "stamp_version": STAMP_VERSION,
+            "source": source,
+            "source_sha256": sha256,
+            "opset": opset,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "onnx": onnx.__version__},
+            "files": files,
+        }
+        (work / STAMP_FILE).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

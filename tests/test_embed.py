@@ -1,0 +1,138 @@
+"""The ONNX runtime of EmbeddingGemma: same tokens and same vectors as sentence-transformers, no torch import.
+
+The index records the embedder's name, not its runtime, so ONNX may only stand in for torch if the vectors
+agree within float noise; `test_onnx_matches_sentence_transformers` is what licenses that.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ragqa import onnx_export
+from ragqa.embed import load_embedder, onnx_ready
+from ragqa.errors import RagqaError
+from ragqa.ingest import load_document, split_document
+
+from .conftest import CORPUS, EMBEDDER, ROOT
+
+MIN_COSINE = 0.9999
+
+
+def _fake_folder(tmp_path: Path) -> Path:
+    """A folder that passes for a sentence-transformers model (modules.json + weights file), no real weights."""
+    folder = tmp_path / "fake-st"
+    folder.mkdir()
+    (folder / "modules.json").write_text("[]", encoding="utf-8")
+    (folder / "model.safetensors").write_bytes(b"x" * 64)
+    return folder
+
+
+def test_export_status_rejects_missing_partial_and_stale_exports(tmp_path: Path) -> None:
+    folder = _fake_folder(tmp_path)
+    assert onnx_export.export_status(folder) == "no ONNX export"
+    out = onnx_export.onnx_dir(folder)
+    out.mkdir()
+    (out / onnx_export.ONNX_FILE).write_bytes(b"g" * 10)
+    stamp = {"stamp_version": onnx_export.STAMP_VERSION, "source": onnx_export._source_facts(folder),
+             "files": {onnx_export.ONNX_FILE: 10}}
+    (out / onnx_export.STAMP_FILE).write_text(json.dumps(stamp), encoding="utf-8")
+    assert onnx_export.export_status(folder) is None and onnx_ready(folder)
+    (out / onnx_export.ONNX_FILE).write_bytes(b"g" * 5)  # truncated
+    assert "truncated" in (onnx_export.export_status(folder) or "")
+    (out / onnx_export.ONNX_FILE).write_bytes(b"g" * 10)
+    (folder / "model.safetensors").write_bytes(b"y" * 65)  # weights replaced after the export
+    assert "other weights" in (onnx_export.export_status(folder) or "")
+    assert not onnx_ready(folder)  # so "auto" runs torch rather than vectors of other weights
+    (out / onnx_export.STAMP_FILE).write_text("{not json", encoding="utf-8")
+    assert "unreadable" in (onnx_export.export_status(folder) or "")
+
+
+def test_runtime_setting_errors_are_one_line(tmp_path: Path) -> None:
+    folder = _fake_folder(tmp_path)
+    with pytest.raises(RagqaError, match="invalid embed_runtime 'gpu'"):
+        load_embedder(str(folder), tmp_path, runtime="gpu")
+    with pytest.raises(RagqaError, match="no ONNX export; run: ragqa models fetch"):
+        load_embedder(str(folder), tmp_path, runtime="onnx")
+
+
+def test_fake_folder_is_not_exportable(tmp_path: Path) -> None:
+    assert not onnx_export.exportable(_fake_folder(tmp_path))
+
+
+# ---- with the real model ----------------------------------------------------------------------------------
+def _corpus_texts() -> list[str]:
+    """Real chunks as ragqa splits corpus/ (zh, short and long), a few README paragraphs (en), and one text
+    past the 512-token sliding window so the windowed attention mask is exercised too."""
+    chunks = []
+    for path in sorted(CORPUS.iterdir()):
+        chunks.extend(c.text for c in split_document(load_document(path), str(path), 400, 80))
+    chunks.sort(key=len)
+    picked = chunks[:4] + chunks[len(chunks) // 2 : len(chunks) // 2 + 4] + chunks[-4:]
+    readme = [p for p in (ROOT / "README.md").read_text(encoding="utf-8").split("\n\n") if len(p) > 200][:4]
+    long_text = (CORPUS / "000_f5fd2a6a8ad6d922.txt").read_text(encoding="utf-8")[:3000]
+    return picked + readme + [long_text, "x"]
+
+
+def _queries() -> list[str]:
+    rows = [json.loads(line) for line in (ROOT / "evals" / "corpus_qa.jsonl").read_text(encoding="utf-8").splitlines()]
+    zh = [r["question"] for r in rows if r["lang"] == "zh"][:4]
+    en = [r["question"] for r in rows if r["lang"] == "en"][:4]
+    return zh + en + ["GPU?"]
+
+
+@pytest.fixture(scope="module")
+def onnx_models_dir(models_dir: Path) -> Path:
+    from ragqa import models
+
+    try:
+        models.export_onnx(EMBEDDER, models_dir)  # a no-op once exported
+    except RagqaError as exc:
+        pytest.fail(f"ONNX export failed: {exc}")
+    return models_dir
+
+
+@pytest.mark.slow
+def test_onnx_matches_sentence_transformers(onnx_models_dir: Path) -> None:
+    torch_emb = load_embedder(EMBEDDER, onnx_models_dir, runtime="torch")
+    onnx_emb = load_embedder(EMBEDDER, onnx_models_dir, runtime="onnx")
+    assert type(onnx_emb).__name__ == "OnnxEmbeddings" and onnx_emb.dim == torch_emb.dim == 768
+
+    docs, queries = _corpus_texts(), _queries()
+    st = torch_emb.model
+    for texts, prompt in ((docs, onnx_emb.document_prompt), (queries, onnx_emb.query_prompt)):
+        feats = st.preprocess([prompt + t for t in texts])
+        want = [row[m.bool()].tolist() for row, m in zip(feats["input_ids"], feats["attention_mask"], strict=True)]
+        assert onnx_emb.token_ids(texts, prompt) == want
+    assert max(len(ids) for ids in onnx_emb.token_ids(docs, onnx_emb.document_prompt)) > 512
+
+    got_d = np.array(onnx_emb.embed_documents(docs))
+    ref_d = np.array(torch_emb.embed_documents(docs))
+    got_q = np.array([onnx_emb.embed_query(q) for q in queries])
+    ref_q = np.array([torch_emb.embed_query(q) for q in queries])
+    for label, got, ref in (("documents", got_d, ref_d), ("queries", got_q, ref_q)):
+        diff = float(np.abs(got - ref).max())
+        cos = float((got * ref).sum(axis=1).min())
+        print(f"{label}: n={len(got)} max_abs_diff={diff:.2e} min_cosine={cos:.7f}")
+        assert cos > MIN_COSINE, (label, cos)
+        assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_onnx_runtime_imports_no_torch(onnx_models_dir: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from ragqa.embed import load_embedder, onnx_ready\n"
+        f"e = load_embedder({EMBEDDER!r}, Path({str(onnx_models_dir)!r}))\n"
+        "assert type(e).__name__ == 'OnnxEmbeddings', type(e)\n"
+        "assert len(e.embed_query('杰文斯悖论')) == 768\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+

@@ -1,0 +1,111 @@
+"""Measure the EmbeddingGemma runtimes: torch (sentence-transformers) vs ONNX Runtime fp32.
+
+Cold: a fresh interpreter per runtime, from process start to the first query vector, split into imports,
+model load and first query. Warm: docs/s over ragqa's own split of corpus/ (same batch size, both sort by
+length) and one-query latency. Run it alone on the machine (under the CPU lock):
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. flock /tmp/ragqa-cpu.lock python tools/bench_onnx.py [--skip-warm]
+
+Measured 2026-11-26 on the 2-core dev machine (n_threads=2, batch 16, 456 chunks):
+  cold, fresh process to first query vector (2nd run, warm page cache): torch 10.06 s (imports 6.10, load 2.38,
+  first query 0.14) vs ONNX 5.62 s (imports 0.42, load 4.73, first query 0.04);
+  warm: torch 2.53 docs/s, query 127 ms median; ONNX 4.10 docs/s, query 53 ms median;
+  vectors: max abs diff 5.9e-07, min cosine 0.9999994 over all 456 chunks.
+ONNX load breaks down as tokenizer.json 1.2 s + session creation with ORT_ENABLE_ALL 4.9 s (2.2 s when an
+optimized model saved at export time is loaded with optimizations off): the next thing to cut.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDER = "embeddinggemma-300m"
+
+COLD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+runtime = sys.argv[1]
+from pathlib import Path
+from ragqa.config import load_settings
+from ragqa.embed import load_embedder
+if runtime == "torch":
+    import sentence_transformers, torch  # noqa: F401  what SentenceTransformerEmbeddings imports
+else:
+    import onnxruntime, tokenizers  # noqa: F401  what OnnxEmbeddings imports
+t1 = time.perf_counter()
+s = load_settings()
+e = load_embedder(s.embedder, s.models_dir, batch_size=s.embed_batch_size, threads=s.n_threads, runtime=runtime)
+t2 = time.perf_counter()
+v = e.embed_query("杰文斯悖论是什么？")
+t3 = time.perf_counter()
+print(json.dumps({"runtime": type(e).__name__, "import_s": t1 - t0, "load_s": t2 - t1, "first_query_s": t3 - t2,
+                  "dim": len(v)}))
+"""
+
+
+def cold(runtime: str) -> dict[str, float]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", COLD, runtime], capture_output=True, text=True, check=True)
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["process_wall_s"] = time.perf_counter() - start  # includes interpreter start-up and exit
+    return row
+
+
+def corpus_chunks() -> list[str]:
+    from ragqa.config import load_settings
+    from ragqa.ingest import iter_files, load_document, split_document
+
+    s = load_settings()
+    texts: list[str] = []
+    for path in iter_files([ROOT / "corpus"]):
+        texts.extend(c.text for c in split_document(load_document(path), str(path), s.chunk_size, s.chunk_overlap))
+    return texts
+
+
+def warm(runtime: str, texts: list[str], queries: list[str]) -> dict[str, float]:
+    import numpy as np
+
+    from ragqa.config import load_settings
+    from ragqa.embed import load_embedder
+
+    s = load_settings()
+    e = load_embedder(s.embedder, s.models_dir, batch_size=s.embed_batch_size, threads=s.n_threads, runtime=runtime)
+    e.embed_query("warm up")
+    t = time.perf_counter()
+    vecs = e.embed_documents(texts)
+    docs_s = len(texts) / (time.perf_counter() - t)
+    lat = []
+    for q in queries:
+        t = time.perf_counter()
+        e.embed_query(q)
+        lat.append((time.perf_counter() - t) * 1000)
+    np.save(f"/tmp/bench_onnx_{runtime}.npy", np.array(vecs, dtype=np.float32))
+    return {"runtime": type(e).__name__, "chunks": len(texts), "docs_per_s": docs_s,
+            "query_ms_median": statistics.median(lat), "query_ms_min": min(lat)}
+
+
+def main() -> None:
+    for runtime in ("torch", "onnx", "torch", "onnx"):  # twice: the second of each has a warm page cache
+        print(json.dumps({"cold": cold(runtime)}), flush=True)
+    if "--skip-warm" in sys.argv:
+        return
+    import numpy as np
+
+    texts = corpus_chunks()
+    rows = [json.loads(line) for line in (ROOT / "evals" / "corpus_qa.jsonl").read_text(encoding="utf-8").splitlines()]
+    queries = [r["question"] for r in rows][:20]
+    for runtime in ("torch", "onnx"):
+        print(json.dumps({"warm": warm(runtime, texts, queries)}), flush=True)
+    a, b = np.load("/tmp/bench_onnx_torch.npy"), np.load("/tmp/bench_onnx_onnx.npy")
+    print(json.dumps({"corpus_equivalence": {"max_abs_diff": float(np.abs(a - b).max()),
+                                             "min_cosine": float((a * b).sum(axis=1).min())}}))
+
+
+if __name__ == "__main__":
+    main()
