@@ -4,7 +4,7 @@ Cold: a fresh interpreter per runtime, from process start to the first query vec
 model load and first query. Warm: docs/s over ragqa's own split of corpus/ (same batch size, both sort by
 length) and one-query latency. Run it alone on the machine (under the CPU lock):
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. flock /tmp/ragqa-cpu.lock python tools/bench_onnx.py [--skip-warm]
+    HF_HUB_OFFLINE=1 PYTHONPATH=. flock /tmp/ragqa-cpu.lock python evals/bench_onnx.py [--skip-warm]
 
 Measured 2026-11-26 on the 2-core dev machine (n_threads=2, batch 16, 456 chunks):
   cold, fresh process to first query vector (2nd run, warm page cache): torch 10.06 s (imports 6.10, load 2.38,
