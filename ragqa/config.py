@@ -38,7 +38,7 @@ class Settings:
     chunk_size: int = 400
     chunk_overlap: int = 80
     k: int = 5
-    context_tokens: int = 320  # passage tokens in the prompt: sentences chosen to fill it; 0 = whole passages
+    context_tokens: int = 200  # passage tokens in the prompt: sentences chosen to fill it; 0 = whole passages
     focus_embed: bool = False  # also score sentences by embedding similarity (cross-lingual, ~2.5 s a question)
     fetch_k: int = 20
     rrf_k: int = 60

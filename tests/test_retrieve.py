@@ -143,7 +143,7 @@ def test_focus_adds_neighbours_when_room_is_left() -> None:
 
 @pytest.mark.slow
 def test_focused_context_keeps_the_evidence_of_real_questions(small_qa) -> None:
-    """On the real index and embedder: the quoted evidence survives trimming to 320 tokens."""
+    """On the real index and embedder: the quoted evidence survives trimming to the default budget."""
     import json
 
     suite = Path(__file__).parent.parent / "evals/corpus_qa.jsonl"
@@ -157,8 +157,8 @@ def test_focused_context_keeps_the_evidence_of_real_questions(small_qa) -> None:
         if not quotes:
             continue
         found += 1
-        out = focus(row["question"], retrieval.hits, 320, small_qa.llm.count_tokens, retrieval.vector,
-                    small_qa.index.embedder.embed_documents)
-        assert sum(small_qa.llm.count_tokens(h.prompt_text) for h in out) <= 320 + 8 * len(out)
+        budget = small_qa.settings.context_tokens
+        out = focus(row["question"], retrieval.hits, budget, small_qa.llm.count_tokens)
+        assert sum(small_qa.llm.count_tokens(h.prompt_text) for h in out) <= budget + 8 * len(out)
         kept += any(q[:12] in " ".join(h.prompt_text for h in out) for q in quotes)
     assert found >= 6 and kept >= found - 1
