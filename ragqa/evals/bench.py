@@ -788,12 +788,22 @@ def cold_probe() -> None:
     import chromadb  # noqa: F401
 
     t = mark("import_chromadb_ms", t)
-    import torch  # noqa: F401
+    from ragqa import models
+    from ragqa.embed import onnx_ready
 
-    t = mark("import_torch_ms", t)
-    import sentence_transformers  # noqa: F401
+    _, embedder_path, kind = models.resolve(args["embedder"], Path(args["models"]), kind="embedder")
+    if kind == "sentence-transformers" and onnx_ready(embedder_path):
+        import onnxruntime  # noqa: F401  (what the ONNX runtime of the embedder imports, instead of torch)
+        import tokenizers  # noqa: F401
 
-    t = mark("import_sentence_transformers_ms", t)
+        t = mark("import_onnxruntime_ms", t)
+    elif kind == "sentence-transformers":
+        import torch  # noqa: F401
+
+        t = mark("import_torch_ms", t)
+        import sentence_transformers  # noqa: F401
+
+        t = mark("import_sentence_transformers_ms", t)
     import llama_cpp  # noqa: F401
 
     t = mark("import_llama_cpp_ms", t)
