@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,11 +114,17 @@ class OnnxEmbeddings(Embeddings):
             self.query_prompt = str(prompts.get("query", ""))
             self.document_prompt = str(prompts.get("document", ""))
             max_len = int(bert_config.get("max_seq_length") or tok_config.get("model_max_length"))
-            self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-            self.tokenizer.no_padding()
-            self.tokenizer.enable_truncation(max_length=max_len)
-            pad = self.tokenizer.token_to_id(str(tok_config.get("pad_token") or "<pad>"))
-            self.pad_id = int(pad if pad is not None else 0)
+            # Gemma's tokenizer.json (262k tokens) takes ~1.2 s to parse; it loads beside the session creation.
+            tokenizer: dict[str, Any] = {}
+
+            def load_tokenizer() -> None:
+                try:
+                    tokenizer["value"] = Tokenizer.from_file(str(path / "tokenizer.json"))
+                except Exception as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+                    tokenizer["error"] = exc
+
+            loader = threading.Thread(target=load_tokenizer, name="ragqa-tokenizer", daemon=True)
+            loader.start()
             opts = ort.SessionOptions()
             if threads:
                 opts.intra_op_num_threads = threads
@@ -126,6 +133,14 @@ class OnnxEmbeddings(Embeddings):
             self.session = ort.InferenceSession(
                 str(onnx_export.onnx_dir(path) / onnx_export.ONNX_FILE), opts, providers=["CPUExecutionProvider"]
             )
+            loader.join()
+            if "error" in tokenizer:
+                raise tokenizer["error"]
+            self.tokenizer = tokenizer["value"]
+            self.tokenizer.no_padding()
+            self.tokenizer.enable_truncation(max_length=max_len)
+            pad = self.tokenizer.token_to_id(str(tok_config.get("pad_token") or "<pad>"))
+            self.pad_id = int(pad if pad is not None else 0)
         except RagqaError:
             raise
         except Exception as exc:  # onnxruntime and tokenizers raise their own types; the user needs one line
