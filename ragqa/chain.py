@@ -331,7 +331,7 @@ class QA:
         """Fail fast, before the user waits on a model load: missing index or model, embedder mismatch.
 
         With `preload`, the GGUF model and jieba's dictionary then load in background threads while the
-        caller's thread imports torch, loads the embedder and embeds the question: on a cold start these
+        caller's thread imports and loads the embedder and embeds the question: on a cold start these
         overlap instead of adding up (the GGUF load is C code that releases the GIL).
         """
         if self._llm is None and not self.settings.llm_url:

@@ -125,7 +125,7 @@ def _export_onnx(name: str, settings: Any) -> None:
     if onnx_export.export_status(folder) is None:
         return
     t0 = time.perf_counter()
-    err.print(escape(f"{name}: exporting to ONNX for a faster embedder (once, a few minutes)"))
+    err.print(escape(f"{name}: exporting to ONNX for a faster embedder (once; ~30 s on 2 cores)"))
     try:
         path = models.export_onnx(name, settings.models_dir)
     except RagqaError as exc:

@@ -140,7 +140,6 @@ class HybridRetriever:
                          vector=vector if self.mode in ("hybrid", "dense") else None)
 
 
-
 # ---- context focus: the sentences that matter ------------------------------------------------------------
 # Prompt processing is what the user waits for on a CPU (~85 tokens/s for the 1.5B model on 2 cores), and
 # five whole passages are ~900 tokens. Most of a passage is context for the one or two sentences that answer;
