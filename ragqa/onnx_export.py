@@ -17,13 +17,13 @@ because the runtime calls them on every load.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ragqa.errors import RagqaError, storage_error
+from ragqa.models import publish_dir
 
 ONNX_DIR = "onnx"
 ONNX_FILE = "model.onnx"
@@ -196,9 +196,6 @@ def _export(model_dir: Path, out: Path, sha256: str | None, opset: int) -> Path:
             "files": files,
         }
         (work / STAMP_FILE).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-        return out
+        return publish_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
