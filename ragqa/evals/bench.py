@@ -133,7 +133,8 @@ def machine(settings: Settings) -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for pkg in ("ragqa", "llama-cpp-python", "torch", "chromadb", "sentence-transformers", "langchain-core", "numpy"):
+    for pkg in ("ragqa", "llama-cpp-python", "torch", "chromadb", "sentence-transformers", "langchain-core", "numpy",
+                "onnxruntime"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -147,6 +148,7 @@ def machine(settings: Settings) -> dict[str, Any]:
         "versions": versions,
         "loadavg_at_start": list(os.getloadavg()),
         "embedder": settings.embedder,
+        "embed_runtime": settings.embed_runtime,
         "model": settings.model,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
