@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ragqa import models
 from ragqa.config import Settings
 from ragqa.errors import RagqaError
-from ragqa.index import Index, tokenize
+from ragqa.index import Index
 from ragqa.llm import ChatModel, Message, load_llm
 from ragqa.retrieve import Hit, HybridRetriever, focus, overlap_grams
 
@@ -282,23 +280,6 @@ def attribute(answer: str, hits: list[Hit], threshold: float = 0.3) -> int | Non
     return best if best_score >= threshold else None
 
 
-T = TypeVar("T")
-
-
-def in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
-    """Run `fn` in a daemon thread (Ctrl-C never waits for a model load); its error surfaces at `.result()`."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the result
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=f"ragqa-{getattr(fn, '__name__', 'load')}", daemon=True).start()
-    return future
-
-
 class QA:
     """The ragqa pipeline over one index. Loads the embedder and the model once, lazily."""
 
@@ -311,7 +292,6 @@ class QA:
         self.settings = settings
         self.index = index or Index(settings)
         self._llm = llm
-        self._llm_loading: Future[ChatModel] | None = None
         self._sentence_vectors: dict[str, list[float]] = {}
         self.retriever = HybridRetriever(
             self.index, k=settings.k, fetch_k=settings.fetch_k, rrf_k=settings.rrf_k,
@@ -320,20 +300,12 @@ class QA:
 
     @property
     def llm(self) -> ChatModel:
-        if self._llm is None and self._llm_loading is not None:
-            loading, self._llm_loading = self._llm_loading, None
-            self._llm = loading.result()  # a load error is raised here, in the caller's thread
         if self._llm is None:
             self._llm = load_llm(self.settings)
         return self._llm
 
-    def prepare(self, preload: bool = True) -> None:
-        """Fail fast, before the user waits on a model load: missing index or model, embedder mismatch.
-
-        With `preload`, the GGUF model and jieba's dictionary then load in background threads while the
-        caller's thread imports and loads the embedder and embeds the question: on a cold start these
-        overlap instead of adding up (the GGUF load is C code that releases the GIL).
-        """
+    def prepare(self) -> None:
+        """Fail fast, before the user waits on a model load: missing index or model, embedder mismatch."""
         if self._llm is None and not self.settings.llm_url:
             models.resolve(self.settings.model, self.settings.models_dir, kind="llm")
         elif self._llm is None:
@@ -341,10 +313,6 @@ class QA:
         self.index.check_embedder()
         if not self.index.load_chunks():
             raise RagqaError(f"the index at {self.index.dir} is empty; run: ragqa ingest [PATH]")
-        if preload and self._llm is None and self._llm_loading is None:
-            self._llm_loading = in_background(load_llm, self.settings)
-        if preload:
-            in_background(tokenize, "预热")
 
     def fit_hits(self, question: str, hits: list[Hit], vector: list[float] | None = None) -> list[Hit]:
         """The passages as the model will see them: their best sentences within `context_tokens` (see

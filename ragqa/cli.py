@@ -492,29 +492,19 @@ def show_config(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     out.print(table)
 
 
-def _stderr_ready() -> None:
-    """Wait (bounded) until no background model load has stderr redirected to /dev/null."""
-    lock = getattr(sys.modules.get("ragqa.llm"), "STDERR_LOCK", None)
-    if lock is not None and lock.acquire(timeout=60):
-        lock.release()
-
-
 def main() -> None:
     """Entry point: every failure a user can cause ends as one line on stderr and a non-zero exit."""
     try:
         app()
     except RagqaError as exc:
-        _stderr_ready()
         err.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        _stderr_ready()
         err.print("[yellow]interrupted[/]")
         sys.exit(130)
     except Exception as exc:  # a bug: still one line, the traceback only on request
         if os.environ.get("RAGQA_DEBUG"):
             raise
-        _stderr_ready()
         first = (str(exc).splitlines() or [""])[0][:300]
         err.print(f"[red]internal error:[/] {type(exc).__name__}: {escape(first)} (RAGQA_DEBUG=1 shows the traceback)")
         sys.exit(1)

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import struct
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -272,19 +271,9 @@ class PrefixCache:
             self._file(system).unlink(missing_ok=True)
 
 
-# Held while fd 2 points at /dev/null: a model may load in a background thread (QA.prepare) while the main
-# thread fails, and the CLI waits on this lock so its one-line error is never printed into /dev/null.
-STDERR_LOCK = threading.Lock()
-
-
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """llama.cpp logs from C even with verbose=False when a load fails; keep the terminal to our one line."""
-    with STDERR_LOCK:
-        yield from _redirect_stderr()
-
-
-def _redirect_stderr() -> Iterator[None]:
     try:
         fd = os.dup(2)
     except OSError:

@@ -1,5 +1,4 @@
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,36 +209,3 @@ def test_paged_sources_are_cited_by_page_and_others_by_line() -> None:
     prompt = build_messages("青岚湖有多深？", [pdf])[1]["content"]
     assert "[1] (report.pdf p.2 · 湖泊数据)" in prompt
     assert pdf.as_dict()["page"] == 2 and QA._citation(1, pdf)["page"] == 2
-
-
-def test_background_work_hands_its_result_or_error_to_the_caller() -> None:
-    from ragqa.chain import in_background
-
-    assert in_background(lambda x: x * 2, 21).result(timeout=10) == 42
-    failing = in_background(lambda: (_ for _ in ()).throw(RagqaError("model file is corrupt")))
-    with pytest.raises(RagqaError, match="corrupt"):
-        failing.result(timeout=10)
-
-
-def test_an_error_is_not_printed_while_a_background_load_silences_stderr(capfd: pytest.CaptureFixture) -> None:
-    """A model loading in a thread points fd 2 at /dev/null for a moment; the CLI's one-line error waits."""
-    import threading
-    import time
-
-    from ragqa.cli import _stderr_ready
-    from ragqa.llm import _quiet_stderr
-
-    started = threading.Event()
-
-    def load() -> None:
-        with _quiet_stderr():
-            started.set()
-            time.sleep(0.5)
-
-    thread = threading.Thread(target=load)
-    thread.start()
-    started.wait(5)
-    _stderr_ready()
-    os.write(2, b"error: the line the user must see\n")
-    thread.join()
-    assert "the line the user must see" in capfd.readouterr().err

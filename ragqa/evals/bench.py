@@ -826,7 +826,7 @@ def cold_probe() -> None:
                               "n_threads": args["threads"], "models": args["models"]})
     index = Index(settings)
     qa = QA(settings, index=index)
-    qa.prepare(preload=False)  # serial, to time each part; `ragqa ask` itself overlaps the GGUF load
+    qa.prepare()
     t = mark("open_index_ms", t)
     _ = index.embedder
     t = mark("embedder_load_ms", t)
