@@ -228,8 +228,10 @@ def focus(
         used += u.tokens
         return True
 
-    for i in range(len(hits)):
-        own = [u for u in units if u.hit == i]
+    by_hit: list[list[_Sentence]] = [[] for _ in hits]
+    for u in units:
+        by_hit[u.hit].append(u)
+    for own in by_hit:
         if used + sum(u.tokens for u in own) <= budget:
             for u in own:
                 take(u)
@@ -242,9 +244,9 @@ def focus(
                         take(near)
 
     out = []
-    for i, hit in enumerate(hits):
+    for i, (hit, own) in enumerate(zip(hits, by_hit, strict=True)):
         parts, last = [], None
-        for u in (u for u in units if u.hit == i):
+        for u in own:
             if (i, u.pos) in chosen:
                 if last is not None and u.pos != last + 1:
                     parts.append("…")
