@@ -55,6 +55,13 @@ def settings_from(**flags: Any) -> Settings:
     return load_settings(renamed)
 
 
+def prestart_embedder(settings: Settings) -> None:
+    """Answering commands start the embedder's session build before their slow imports (see onnx_export.prestart)."""
+    from ragqa.onnx_export import prestart
+
+    prestart(settings.embedder, settings.models_dir, settings.n_threads, settings.embed_runtime)
+
+
 # ---- models ------------------------------------------------------------------------------------------
 @models_app.command("list")
 def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -237,12 +244,13 @@ def ask(
     chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """Answer one question from the index, streaming, with [n] citations and their sources."""
-    from ragqa.chain import QA, check_question
-
-    check_question(question)
     settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
                              gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
                              api_key_env=api_key_env, chroma_url=chroma_url)
+    prestart_embedder(settings)
+    from ragqa.chain import QA, check_question
+
+    check_question(question)
     qa = QA(settings)
     qa.prepare()
     if as_json:
@@ -276,11 +284,12 @@ def chat(
     chroma_url: ChromaUrlOpt = None,
 ) -> None:
     """Multi-turn chat over the index; follow-ups are resolved against the conversation."""
-    from ragqa.chain import QA
-
     settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
                              gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
                              api_key_env=api_key_env, chroma_url=chroma_url)
+    prestart_embedder(settings)
+    from ragqa.chain import QA
+
     qa = QA(settings)
     qa.prepare()
     with err.status("loading models…"):

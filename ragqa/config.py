@@ -53,6 +53,7 @@ class Settings:
     chat_format: str | None = None
     seed: int = 42
     prompt_cache: bool = True  # keep the KV state of the fixed system prompts on disk (home/cache)
+    repack: bool = False  # llama.cpp's CPU weight repacking: faster generation, slower prompt and load (README)
     # Remote services (scale-out).
     llm_url: str | None = None
     llm_model: str | None = None

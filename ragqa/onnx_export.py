@@ -1,4 +1,5 @@
-"""Export a sentence-transformers embedder (EmbeddingGemma) to one ONNX graph, and tell whether an export is usable.
+"""Export a sentence-transformers embedder (EmbeddingGemma) to one ONNX graph, tell whether an export is usable,
+and open it.
 
 Why: importing torch + sentence-transformers costs seconds on every cold `ragqa ask`; ONNX Runtime runs the
 same fp32 graph with only onnxruntime and the Rust `tokenizers` imported. The whole pipeline (Gemma3 text
@@ -10,8 +11,9 @@ written last, and only then is it renamed into place. The stamp records the sour
 mtime) and the exporter versions; `export_status` compares it with the folder cheaply (no hashing of the
 1.2 GB weights at load time), so a stale or partial export is never used, only redone.
 
-This module imports torch only inside `export_onnx`; `export_status` and `onnx_dir` are cheap and torch-free
-because the runtime calls them on every load.
+This module imports torch only inside `export_onnx`; `export_status`, `ready` and `onnx_dir` are cheap and
+torch-free because the runtime calls them on every load, and the module imports no LangChain, so `prestart`
+can run before a cold process's slow imports.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
+import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +32,10 @@ from ragqa.models import publish_dir
 
 ONNX_DIR = "onnx"
 ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"  # the weights, beside the graph (see _externalize)
 STAMP_FILE = "stamp.json"
-STAMP_VERSION = 1  # bump when the graph's inputs/outputs or the wrapper's maths change
+STAMP_VERSION = 2  # bump when the graph's inputs/outputs, the wrapper's maths or the file layout change
+DATA_ALIGN = 64 * 1024  # ONNX Runtime maps external data in place only at allocation-granularity offsets
 SOURCE_WEIGHTS = "model.safetensors"
 SUPPORTED_MODEL_TYPES = ("gemma3_text",)  # the mask building below is Gemma3's (bidirectional + sliding window)
 
@@ -64,6 +71,15 @@ def export_status(model_dir: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "ONNX export stamp is unreadable"
     return None
+
+
+def ready(model_dir: Path) -> bool:
+    """An up-to-date export sits in the folder and onnxruntime + tokenizers import (checked without importing)."""
+    import importlib.util
+
+    if export_status(model_dir) is not None:
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "tokenizers"))
 
 
 def exportable(model_dir: Path) -> bool:
@@ -154,6 +170,30 @@ def export_onnx(model_dir: Path, sha256: str | None = None, opset: int = 18) -> 
             f"exporting {model_dir.name} to ONNX failed: {exc.strerror or exc}") from None
 
 
+def _externalize(model_path: Path, data_path: Path) -> None:
+    """Move the weights out of the graph file into `data_path`, each tensor at a DATA_ALIGN boundary.
+
+    Why: ONNX Runtime parses an inline 1.2 GB protobuf and copies every weight at session creation (3.3-3.9 s
+    here); aligned external data it memory-maps and uses in place, so the session loads in ~0.9 s and the
+    262k-row token embedding table (two thirds of the weights) is paged in only for the rows a text uses.
+    onnx's own writer does not align, hence the offsets are set here.
+    """
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    model = onnx.load(str(model_path))
+    with open(data_path, "wb") as fh:
+        for tensor in model.graph.initializer:
+            if not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024:
+                continue  # small constants stay inline: mapping them would cost more than copying
+            fh.write(b"\0" * (-fh.tell() % DATA_ALIGN))
+            offset = fh.tell()
+            fh.write(tensor.raw_data)
+            set_external_data(tensor, DATA_FILE, offset, len(tensor.raw_data))
+            tensor.ClearField("raw_data")
+    onnx.save_model(model, str(model_path))
+
+
 def _export(model_dir: Path, out: Path, sha256: str | None, opset: int) -> Path:
     import onnx
     import torch
@@ -169,7 +209,10 @@ def _export(model_dir: Path, out: Path, sha256: str | None, opset: int) -> Path:
         mask[1, 10:] = 0
         target = work / ONNX_FILE
         try:
-            with torch.no_grad():
+            # The tracer warns about Python-level branches in transformers' attention code; the masks built
+            # in _pipeline_module make them shape-independent, and the user cannot act on the warnings.
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 torch.onnx.export(
                     pipeline,
                     (ids, mask),
@@ -185,6 +228,7 @@ def _export(model_dir: Path, out: Path, sha256: str | None, opset: int) -> Path:
                 )
         except (RuntimeError, ValueError, TypeError) as exc:
             raise RagqaError(f"exporting {model_dir.name} to ONNX failed: {str(exc).splitlines()[0][:200]}") from None
+        _externalize(target, work / DATA_FILE)
         files = {p.name: p.stat().st_size for p in work.iterdir() if p.is_file()}
         stamp = {
             "stamp_version": STAMP_VERSION,
@@ -199,3 +243,58 @@ def _export(model_dir: Path, out: Path, sha256: str | None, opset: int) -> Path:
         return publish_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def session(model_file: Path, threads: int | None) -> Any:
+    """An ONNX Runtime session on the CPU: `threads` for one operator, one operator at a time."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
+    return ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
+
+
+_prestarted: dict[tuple[str, int | None], Future] = {}
+
+
+def prestart(name: str, models_dir: Path, threads: int | None = None, runtime: str = "auto") -> None:
+    """Begin building the ONNX Runtime session of embedder `name` in a thread; a cold `ragqa ask` calls this
+    before anything heavy.
+
+    Why: the session build (~0.9 s) runs mostly without the GIL, and what a cold process does next, importing
+    chromadb and LangChain (~1.3 s), is Python that hands the GIL round every few ms, so the two overlap.
+    `embed.OnnxEmbeddings` takes the session when it is built for the same file and threads; an error raised here
+    surfaces there, in the caller's thread, like an error of the normal load. For other runtimes, a missing
+    model or a stale export it does nothing: the normal load reports those.
+    """
+    from ragqa import models
+
+    try:
+        _, path, kind = models.resolve(name, models_dir, kind="embedder")
+    except RagqaError:
+        return
+    if kind != "sentence-transformers" or runtime == "torch" or not ready(path):
+        return
+    model_file = onnx_dir(path) / ONNX_FILE
+    key = (str(model_file), threads)
+    if key in _prestarted:
+        return
+    future: Future = Future()
+
+    def build() -> None:
+        try:
+            future.set_result(session(model_file, threads))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the session
+            future.set_exception(exc)
+
+    _prestarted[key] = future
+    threading.Thread(target=build, name="ragqa-onnx-prestart", daemon=True).start()
+
+
+def take_prestarted(model_file: Path, threads: int | None) -> Any:
+    """The session `prestart` built for this file and thread count (waiting for it), else None; once only."""
+    future = _prestarted.pop((str(model_file), threads), None)
+    return future.result() if future is not None else None

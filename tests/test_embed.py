@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ragqa import onnx_export
-from ragqa.embed import load_embedder, onnx_ready
+from ragqa.embed import load_embedder
 from ragqa.errors import RagqaError
 from ragqa.ingest import load_document, split_document
 
@@ -42,13 +42,13 @@ def test_export_status_rejects_missing_partial_and_stale_exports(tmp_path: Path)
     stamp = {"stamp_version": onnx_export.STAMP_VERSION, "source": onnx_export._source_facts(folder),
              "files": {onnx_export.ONNX_FILE: 10}}
     (out / onnx_export.STAMP_FILE).write_text(json.dumps(stamp), encoding="utf-8")
-    assert onnx_export.export_status(folder) is None and onnx_ready(folder)
+    assert onnx_export.export_status(folder) is None and onnx_export.ready(folder)
     (out / onnx_export.ONNX_FILE).write_bytes(b"g" * 5)  # truncated
     assert "truncated" in (onnx_export.export_status(folder) or "")
     (out / onnx_export.ONNX_FILE).write_bytes(b"g" * 10)
     (folder / "model.safetensors").write_bytes(b"y" * 65)  # weights replaced after the export
     assert "other weights" in (onnx_export.export_status(folder) or "")
-    assert not onnx_ready(folder)  # so "auto" runs torch rather than vectors of other weights
+    assert not onnx_export.ready(folder)  # so "auto" runs torch rather than vectors of other weights
     (out / onnx_export.STAMP_FILE).write_text("{not json", encoding="utf-8")
     assert "unreadable" in (onnx_export.export_status(folder) or "")
 
@@ -59,6 +59,29 @@ def test_runtime_setting_errors_are_one_line(tmp_path: Path) -> None:
         load_embedder(str(folder), tmp_path, runtime="gpu")
     with pytest.raises(RagqaError, match="no ONNX export; run: ragqa models fetch"):
         load_embedder(str(folder), tmp_path, runtime="onnx")
+
+
+def test_prestart_failure_surfaces_as_one_line_in_the_load(tmp_path: Path) -> None:
+    """A session prestarted from a broken export fails in its thread; the error reaches the load, one line."""
+    folder = _fake_folder(tmp_path)
+    for name, body in (("config_sentence_transformers.json", {"prompts": {}}),
+                       ("sentence_bert_config.json", {"max_seq_length": 64}), ("tokenizer_config.json", {})):
+        (folder / name).write_text(json.dumps(body), encoding="utf-8")
+    out = onnx_export.onnx_dir(folder)
+    out.mkdir()
+    (out / onnx_export.ONNX_FILE).write_bytes(b"not a protobuf")
+    stamp = {"stamp_version": onnx_export.STAMP_VERSION, "source": onnx_export._source_facts(folder),
+             "files": {onnx_export.ONNX_FILE: 14}}
+    (out / onnx_export.STAMP_FILE).write_text(json.dumps(stamp), encoding="utf-8")
+    onnx_export.prestart(str(folder), tmp_path, threads=1)
+    assert len(onnx_export._prestarted) == 1
+    with pytest.raises(RagqaError, match="cannot load embedder") as info:
+        load_embedder(str(folder), tmp_path, threads=1, runtime="onnx")
+    assert "\n" not in str(info.value)
+    assert not onnx_export._prestarted  # taken, even though it failed
+    onnx_export.prestart(str(folder), tmp_path, threads=1, runtime="torch")  # nothing to prestart
+    onnx_export.prestart("no-such-model", tmp_path)
+    assert not onnx_export._prestarted
 
 
 def test_fake_folder_is_not_exportable(tmp_path: Path) -> None:
@@ -124,9 +147,39 @@ def test_onnx_matches_sentence_transformers(onnx_models_dir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_export_keeps_weights_aligned_outside_the_graph(onnx_models_dir: Path) -> None:
+    """What makes the session load in under a second: every large weight is external data at an aligned
+    offset (ONNX Runtime maps those in place instead of parsing and copying 1.2 GB)."""
+    import onnx
+
+    from ragqa import models
+
+    _, path, _ = models.resolve(EMBEDDER, onnx_models_dir, kind="embedder")
+    graph = onnx.load(str(onnx_export.onnx_dir(path) / onnx_export.ONNX_FILE), load_external_data=False).graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    inline = sum(len(t.raw_data) for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+    assert len(external) > 100 and inline < 1_000_000
+    for t in external:
+        info = {e.key: e.value for e in t.external_data}
+        assert info["location"] == onnx_export.DATA_FILE and int(info["offset"]) % onnx_export.DATA_ALIGN == 0
+
+
+@pytest.mark.slow
+def test_prestarted_session_is_taken_once_and_gives_the_same_vectors(onnx_models_dir: Path) -> None:
+    onnx_export.prestart(EMBEDDER, onnx_models_dir, threads=2)
+    assert len(onnx_export._prestarted) == 1
+    early = load_embedder(EMBEDDER, onnx_models_dir, threads=2, runtime="onnx")
+    assert not onnx_export._prestarted
+    plain = load_embedder(EMBEDDER, onnx_models_dir, threads=2, runtime="onnx")
+    assert early.session is not plain.session
+    np.testing.assert_allclose(early.embed_query("杰文斯悖论是什么？"), plain.embed_query("杰文斯悖论是什么？"),
+                               atol=1e-6)
+
+
+@pytest.mark.slow
 def test_onnx_runtime_imports_no_torch(onnx_models_dir: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from ragqa.embed import load_embedder, onnx_ready\n"
+        "import sys; from pathlib import Path; from ragqa.embed import load_embedder\n"
         f"e = load_embedder({EMBEDDER!r}, Path({str(onnx_models_dir)!r}))\n"
         "assert type(e).__name__ == 'OnnxEmbeddings', type(e)\n"
         "assert len(e.embed_query('杰文斯悖论')) == 768\n"

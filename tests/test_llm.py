@@ -14,7 +14,7 @@ import pytest
 from ragqa import models
 from ragqa.config import Settings
 from ragqa.errors import RagqaError
-from ragqa.llm import RETRY_DELAYS, LlamaCppChat, OpenAIChat, estimate_tokens, gguf_metadata
+from ragqa.llm import RETRY_DELAYS, LlamaCppChat, OpenAIChat, estimate_tokens, gguf_metadata, model_params
 
 from .conftest import (
     ROOT,
@@ -72,6 +72,23 @@ def test_real_model_streams_and_reports_usage(models_dir: Path) -> None:
     assert llm.usage["completion_tokens"] == len(pieces)
     assert llm.usage["prompt_tokens"] and llm.usage["prompt_tokens"] > 3
     assert llm.count_tokens("hello world") >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repack", [True, False])
+def test_repack_switch_reaches_llama_cpp(models_dir: Path, capfd: pytest.CaptureFixture[str], repack: bool) -> None:
+    """`repack` must really change how llama.cpp loads the weights (its log names the CPU_REPACK buffer), and
+    the patched defaults must not outlive the load."""
+    import llama_cpp.llama as llama_module
+    from llama_cpp import Llama
+
+    default = llama_module.llama_cpp.llama_model_default_params
+    path = models.final_path(models.REGISTRY[SMALL_MODEL], models_dir)
+    capfd.readouterr()
+    with model_params(use_extra_bufts=repack):
+        Llama(str(path), n_ctx=256, verbose=True)
+    assert ("CPU_REPACK model buffer" in capfd.readouterr().err) is repack
+    assert llama_module.llama_cpp.llama_model_default_params is default
 
 
 # ---- saved system-prompt states (PrefixCache) -------------------------------------------------------------

@@ -150,6 +150,7 @@ def machine(settings: Settings) -> dict[str, Any]:
         "embedder": settings.embedder,
         "embed_runtime": settings.embed_runtime,
         "model": settings.model,
+        "repack": settings.repack,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -291,7 +292,7 @@ def _bench_generation(ctx: BenchContext, qa: Any, question: str | None) -> dict[
 
     from llama_cpp import Llama
 
-    from ragqa.llm import _quiet_stderr
+    from ragqa.llm import _quiet_stderr, model_params
 
     timed = TimedLLM(ctx.llm)
     qa._llm = timed
@@ -299,14 +300,14 @@ def _bench_generation(ctx: BenchContext, qa: Any, question: str | None) -> dict[
     names = ["rope_freq_scale", "rope_freq_base", "lora_path", "lora_base", "n_ctx", "n_parts", "seed", "f16_kv",
              "logits_all", "vocab_only", "use_mlock", "n_threads", "n_batch", "use_mmap", "last_n_tokens_size",
              "verbose"]
-    model_params = {k: getattr(chat, k) for k in names}
+    llama_kwargs = {k: getattr(chat, k) for k in names}
     if chat.n_gpu_layers is not None:
-        model_params["n_gpu_layers"] = chat.n_gpu_layers
-    model_params.update(chat.model_kwargs)
+        llama_kwargs["n_gpu_layers"] = chat.n_gpu_layers
+    llama_kwargs.update(chat.model_kwargs)
     call_params = chat._get_parameters(None)  # max_tokens, temperature, top_p, top_k, stop, repeat_penalty
-    with warnings.catch_warnings(), _quiet_stderr():
+    with warnings.catch_warnings(), _quiet_stderr(), model_params(use_extra_bufts=ctx.llm.repack):
         warnings.simplefilter("ignore")
-        bare = Llama(chat.model_path, **model_params)
+        bare = Llama(chat.model_path, **llama_kwargs)
     tokenize = ctx.llm.client.tokenize
 
     def n_tokens(text: str) -> int:
@@ -359,9 +360,10 @@ def _bench_generation(ctx: BenchContext, qa: Any, question: str | None) -> dict[
         "questions_tried": tried,
         "n_passages": warm["n_passages"],
         "prompt_tokens": ctx.llm.usage.get("prompt_tokens"),
-        "settings": {"n_ctx": model_params["n_ctx"], "n_threads": model_params["n_threads"],
-                     "n_batch": model_params["n_batch"], "temperature": call_params.get("temperature"),
-                     "max_tokens": call_params.get("max_tokens"), "model": str(chat.model_path)},
+        "settings": {"n_ctx": llama_kwargs["n_ctx"], "n_threads": llama_kwargs["n_threads"],
+                     "n_batch": llama_kwargs["n_batch"], "repack": ctx.llm.repack,
+                     "temperature": call_params.get("temperature"), "max_tokens": call_params.get("max_tokens"),
+                     "model": str(chat.model_path)},
         "kv_reset": "llama.reset() before every run on both sides (n_tokens = 0 -> full prompt evaluation)",
         "warmup_ragqa_ttft_ms": warm["ttft_ms"],
         "runs": sides,
@@ -784,17 +786,18 @@ def cold_probe() -> None:
     import typer  # noqa: F401  (the CLI's own imports come first)
 
     t = mark("import_cli_ms", t)
+    from ragqa import models, onnx_export
+
+    onnx_export.prestart(args["embedder"], Path(args["models"]), args["threads"])  # as `ragqa ask` does
+    t = mark("prestart_ms", t)
     import langchain_core.messages  # noqa: F401
 
     t = mark("import_langchain_ms", t)
     import chromadb  # noqa: F401
 
     t = mark("import_chromadb_ms", t)
-    from ragqa import models
-    from ragqa.embed import onnx_ready
-
     _, embedder_path, kind = models.resolve(args["embedder"], Path(args["models"]), kind="embedder")
-    if kind == "sentence-transformers" and onnx_ready(embedder_path):
+    if kind == "sentence-transformers" and onnx_export.ready(embedder_path):
         import onnxruntime  # noqa: F401  (what the ONNX runtime of the embedder imports, instead of torch)
         import tokenizers  # noqa: F401
 
