@@ -123,13 +123,9 @@ def models_fetch(
 def _export_onnx(name: str, settings: Any) -> None:
     """Make the ONNX export the embedder's fast runtime needs; if it fails, say so and keep torch (unless the
     settings insist on ONNX), since the export only changes speed, never the vectors."""
-    from ragqa import models, onnx_export
+    from ragqa import models
 
-    spec = models.get_spec(name)
-    folder = models.final_path(spec, settings.models_dir)
-    if spec.kind != "sentence-transformers" or not onnx_export.exportable(folder):
-        return
-    if onnx_export.export_status(folder) is None:
+    if not models.onnx_export_due(name, settings.models_dir):
         return
     t0 = time.perf_counter()
     err.print(escape(f"{name}: exporting to ONNX for a faster embedder (once; ~30 s on 2 cores)"))

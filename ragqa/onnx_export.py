@@ -18,6 +18,7 @@ can run before a cold process's slow imports.
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import tempfile
@@ -290,8 +291,17 @@ def prestart(name: str, models_dir: Path, threads: int | None = None, runtime: s
         except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the session
             future.set_exception(exc)
 
+    if not _prestarted:
+        atexit.register(_settle)
     _prestarted[key] = future
     threading.Thread(target=build, name="ragqa-onnx-prestart", daemon=True).start()
+
+
+def _settle() -> None:
+    """At exit, wait for a session still being built (at most its ~1 s): tearing the interpreter and ONNX
+    Runtime down under a running build could crash the exit of, say, `ragqa ask ""` after its one-line error."""
+    for future in list(_prestarted.values()):
+        future.exception()  # waits; the outcome no longer matters
 
 
 def take_prestarted(model_file: Path, threads: int | None) -> Any:

