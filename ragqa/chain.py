@@ -313,6 +313,10 @@ class QA:
         self.index.check_embedder()
         if not self.index.load_chunks():
             raise RagqaError(f"the index at {self.index.dir} is empty; run: ragqa ingest [PATH]")
+        # Open the vector store now, not at the first search: a damaged store or a down Chroma server fails
+        # before any model loads, and importing chromadb (~0.4-0.8 s) overlaps the embedder session that
+        # `ragqa ask` has started building in a thread (onnx_export.prestart) instead of following it.
+        _ = self.index.store
 
     def fit_hits(self, question: str, hits: list[Hit], vector: list[float] | None = None) -> list[Hit]:
         """The passages as the model will see them: their best sentences within `context_tokens` (see

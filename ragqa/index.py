@@ -46,12 +46,12 @@ _STOP |= set("the a an of to in on for and or is are was were be been what which
 
 def tokenize(text: str) -> list[str]:
     """BM25 tokens: jieba words for Chinese, lower-cased words for English, no punctuation or stop words."""
-    jieba = _jieba()
+    jieba = load_jieba()
     text = unicodedata.normalize("NFKC", text).lower()
     return [t for t in (w.strip() for w in jieba.cut(text)) if t and _WORD.search(t) and t not in _STOP]
 
 
-def _jieba() -> Any:
+def load_jieba() -> Any:
     """jieba, its dictionary loaded.
 
     Why not `jieba.initialize()`: it reads its prefix dictionary (498k entries) from a marshal cache, 0.6 s of

@@ -283,6 +283,10 @@ def prestart(name: str, models_dir: Path, threads: int | None = None, runtime: s
     key = (str(model_file), threads)
     if key in _prestarted:
         return
+    # Imported here, in the caller's thread: a thread importing onnxruntime (and numpy under it) while the
+    # caller imports chromadb can hand one of them a partially initialised numpy (an ImportError).
+    import onnxruntime  # noqa: F401
+
     future: Future = Future()
 
     def build() -> None:

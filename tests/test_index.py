@@ -29,7 +29,7 @@ import sys
 import jieba
 import ragqa.index as ix
 jieba.dt.tmp_dir = sys.argv[1]
-ix._jieba()
+ix.load_jieba()
 fast, fast_total = dict(jieba.dt.FREQ), jieba.dt.total
 jieba.dt.initialized = False
 jieba.dt.initialize()  # jieba's own way, from its marshal cache or dict.txt
@@ -39,7 +39,7 @@ print(len(fast))
 
 
 def test_jieba_dictionary_cache_is_jiebas_own_dictionary(tmp_path: Path) -> None:
-    """The faster dictionary copy (index._jieba) must hold exactly what jieba loads itself: built by the first
+    """The faster dictionary copy (index.load_jieba) must hold exactly what jieba loads itself: built by the first
     process, read by the second, and a damaged copy is rebuilt, never used."""
 
     def run() -> str:

@@ -820,10 +820,9 @@ def cold_probe() -> None:
 
     t = mark("import_ragqa_rest_ms", t)
     parts["imports_total_ms"] = round(sum(v for k, v in parts.items() if k.startswith("import_")), 1)
-    import jieba
+    from ragqa.index import load_jieba
 
-    jieba.setLogLevel(60)
-    jieba.initialize()
+    load_jieba()  # jieba's dictionary, the way ragqa's BM25 tokenizer loads it
     t = mark("jieba_init_ms", t)
     settings = load_settings({"index": args["index"], "model": args["model"], "embedder": args["embedder"],
                               "n_threads": args["threads"], "models": args["models"]})
