@@ -21,6 +21,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 import unicodedata
 import uuid
@@ -139,6 +140,11 @@ class Index:
         self._collection: str | None = None
         self._checked_vectors = False
         self._chunks: dict[str, Chunk] | None = None
+        self._generation: str | None = None  # the committed state the loaded chunks are (see `changed`)
+        self._watch: sqlite3.Connection | None = None
+        self._watch_inode: int | None = None
+        self._seen_version = 0
+        self._reading = threading.Lock()
         self._bm25: Any = None
         self._bm25_ids: list[str] = []
 
@@ -146,12 +152,12 @@ class Index:
     def exists(self) -> bool:
         return self.state_path.is_file()
 
-    def _connect(self, create: bool = False) -> sqlite3.Connection:
+    def _connect(self, create: bool = False, shared: bool = False) -> sqlite3.Connection:
         if not create and not self.exists():
             raise RagqaError(f"no index at {self.dir}; run: ragqa ingest [PATH]")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            con = sqlite3.connect(self.state_path, timeout=30, isolation_level=None)
+            con = sqlite3.connect(self.state_path, timeout=30, isolation_level=None, check_same_thread=not shared)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")
             con.executescript(
@@ -192,22 +198,77 @@ class Index:
             con.close()
 
     def load_chunks(self) -> dict[str, Chunk]:
-        """All live chunks, read in one snapshot."""
-        if self._chunks is None:
-            con = self._connect()
-            try:
-                con.execute("BEGIN")
-                rows = con.execute(
-                    'SELECT id, source, start, "end", text, heading, start_line, end_line, tokens, page FROM chunks'
-                ).fetchall()
-                con.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
-                raise self._open_error(exc) from None
-            finally:
-                con.close()
-            self._chunks = {r[0]: Chunk(*r[:8], page=r[9]) for r in rows}
-            self._tokens = {r[0]: json.loads(r[8]) for r in rows}
+        """All live chunks, read in one snapshot (kept: see `changed` for when to read them again)."""
+        with self._reading:
+            if self._chunks is None:
+                self._read_chunks()
         return self._chunks
+
+    def _read_chunks(self) -> None:
+        if self._watch is None:
+            # Kept open (serve's worker threads share it, under `_reading`): `changed` asks it for SQLite's
+            # data_version, which moves only for commits made after this connection opened.
+            self._watch = self._connect(shared=True)
+            self._watch_inode = _inode(self.state_path)
+        con = self._watch
+        try:
+            self._seen_version = con.execute("PRAGMA data_version").fetchone()[0]
+            con.execute("BEGIN")
+            rows = con.execute(
+                'SELECT id, source, start, "end", text, heading, start_line, end_line, tokens, page FROM chunks'
+            ).fetchall()
+            self._generation = self._read_generation(con)
+            con.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise self._open_error(exc) from None
+        self._chunks = {r[0]: Chunk(*r[:8], page=r[9]) for r in rows}
+        self._tokens = {r[0]: json.loads(r[8]) for r in rows}
+
+    @staticmethod
+    def _read_generation(con: sqlite3.Connection) -> str | None:
+        row = con.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return row[0] if row else None
+
+    def changed(self) -> bool:
+        """Whether an ingest has committed another state since the chunks were loaded.
+
+        A process that answers many questions (chat, serve) must not keep answering from a state whose
+        vectors the ingest's garbage collection is deleting. SQLite's data_version moves on any other
+        connection's commit and costs microseconds to read; only then is the generation compared.
+        """
+        with self._reading:
+            return self._changed()
+
+    def _changed(self) -> bool:
+        if self._chunks is None or self._watch is None:
+            return False
+        if _inode(self.state_path) != self._watch_inode:
+            # `ingest --rebuild` replaced the state and the vector store under this process; an embedded
+            # Chroma client keeps the deleted files open (chromadb caches one client per path and process),
+            # so reopening here would read the old vectors. Say so instead of answering from them.
+            self.close()
+            raise RagqaError(f"the index at {self.dir} was rebuilt by another process; start this command again")
+        try:
+            version = self._watch.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._seen_version:
+                return False
+            if self._read_generation(self._watch) != self._generation:
+                return True  # until `refresh`: load_chunks then takes the new version and generation
+            self._seen_version = version  # a commit that changed no chunks (a no-change ingest)
+            return False
+        except sqlite3.DatabaseError:
+            return True  # unreadable now: read it again, and fail there with the usual line
+
+    def refresh(self) -> None:
+        """Forget the loaded chunks and BM25, so the next search reads the committed state."""
+        self._chunks = None
+        self._bm25 = None
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     @property
     def splitter(self) -> str:
@@ -484,6 +545,9 @@ class Index:
                 )
                 con.executemany("INSERT OR REPLACE INTO files VALUES (?,?,0,-1)", not_text)
                 con.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", list(settings_meta.items()))
+                if changed_paths or new_chunks:
+                    generation = int(self._read_generation(con) or 0) + 1
+                    con.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),))
                 con.execute("COMMIT")
                 guard.committed = True
                 for key in (k for k, _, _ in plan):
@@ -497,8 +561,7 @@ class Index:
             finally:
                 con.close()
             self._collect_garbage(present - live, progress)
-        self._chunks = None
-        self._bm25 = None
+        self.refresh()
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -551,6 +614,8 @@ class Index:
     def _wipe(self) -> None:
         """--rebuild: start from nothing (also the way out of a corrupt index, and the undo of a failed
         first ingest)."""
+        self.close()
+        self.refresh()
         if self.settings.chroma_url:
             try:
                 self.store.delete_collection()
@@ -567,8 +632,11 @@ class Index:
         live = self.load_chunks()
         if not live:
             return []
-        # Over-fetch a little: orphans of an interrupted ingest may take some of the top places.
-        want = min(len(live), k) + 8
+        # Over-fetch a little: vectors no committed state refers to (an ingest still running, or one that was
+        # interrupted) may take some of the top places. While a re-ingest of similar text runs they can take
+        # all of them, so fetch more until enough live ones come back or the collection has no more.
+        need = min(len(live), k)
+        want = need + 8
         with self._vector_op("vector search"):
             if not self._checked_vectors:
                 # An empty collection under a non-empty state means the store was reset or replaced
@@ -579,16 +647,16 @@ class Index:
                         f"(collection {self._collection_name()}); run: ragqa ingest [PATH] to restore them"
                     )
                 self._checked_vectors = True
-            hits = self.store.similarity_search_by_vector_with_relevance_scores(query_vector, k=want)
-        if not hits:
-            # A collection holding live chunks always returns something; Chroma answers a damaged HNSW
-            # segment with silence, which must not pass for "no match".
-            raise self._store_error(RuntimeError(f"no vectors found for {len(live)} indexed chunks"))
-        out = []
-        for doc, distance in hits:
-            if doc.id in live:
-                out.append((doc.id, 1.0 - float(distance)))
-        return out[:k]
+            while True:
+                hits = self.store.similarity_search_by_vector_with_relevance_scores(query_vector, k=want)
+                if not hits:
+                    # A collection holding live chunks always returns something; Chroma answers a damaged
+                    # HNSW segment with silence, which must not pass for "no match".
+                    raise self._store_error(RuntimeError(f"no vectors found for {len(live)} indexed chunks"))
+                out = [(doc.id, 1.0 - float(distance)) for doc, distance in hits if doc.id in live]
+                if len(out) >= need or len(hits) < want:
+                    return out[:k]
+                want *= 4
 
     def bm25_search(self, query: str, k: int) -> list[tuple[str, float]]:
         chunks = self.load_chunks()
@@ -638,6 +706,13 @@ class _WriteGuard:
                 pass  # the original failure is the one worth reporting
         if isinstance(exc, OSError | sqlite3.DatabaseError):
             raise (storage_error(exc, self.index.dir, "ingest") or self.index._open_error(exc)) from None
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def _add_page_column(con: sqlite3.Connection) -> None:

@@ -56,16 +56,20 @@ def rrf_fuse(
 ) -> list[tuple[str, float, dict[str, tuple[int, float]]]]:
     """Fuse ranked lists: score(d) = sum over lists of 1 / (rrf_k + rank(d)), ranks from 1.
 
-    Returns (id, fused score, {list name: (rank, original score)}) for the top k, ties broken by id so
-    the order is deterministic.
+    Returns (id, fused score, {list name: (rank, original score)}) for the top k. Exact ties are common
+    (dense's first and BM25's first both score 1/(rrf_k + 1)); they go to the better single rank, then to
+    the list given first. Not to the id: ids hash the file's path, so the same passages in another folder
+    (or beside one more file) would come in another order and make another prompt.
     """
     fused: dict[str, float] = {}
     detail: dict[str, dict[str, tuple[int, float]]] = {}
-    for name, ranked in lists.items():
+    best: dict[str, tuple[int, int]] = {}  # (rank, list position): one document per pair, so no tie is left
+    for position, (name, ranked) in enumerate(lists.items()):
         for rank, (doc_id, score) in enumerate(ranked, start=1):
             fused[doc_id] = fused.get(doc_id, 0.0) + 1.0 / (rrf_k + rank)
             detail.setdefault(doc_id, {})[name] = (rank, score)
-    order = sorted(fused, key=lambda d: (-fused[d], d))[:k]
+            best[doc_id] = min(best.get(doc_id, (rank, position)), (rank, position))
+    order = sorted(fused, key=lambda d: (-fused[d], best[d]))[:k]
     return [(d, fused[d], detail[d]) for d in order]
 
 
@@ -109,17 +113,25 @@ class HybridRetriever:
 
     def retrieve(self, query: str, k: int | None = None) -> Retrieval:
         k = k or self.k
-        chunks = self.index.load_chunks()
+        if self.index.changed():  # a long-lived process (chat, serve) answers from what is committed now
+            self.index.refresh()
+        self.index.load_chunks()  # the first call reads them: not a cost of this query's search
         t0 = time.perf_counter()
-        lists: dict[str, list[tuple[str, float]]] = {}
-        if self.mode in ("hybrid", "dense"):
-            vector = self.index.embedder.embed_query(query)
-            t1 = time.perf_counter()
-            lists["dense"] = self.index.dense_search(vector, self.fetch_k)
-        else:
-            t1 = time.perf_counter()
-        if self.mode in ("hybrid", "bm25"):
-            lists["bm25"] = self.index.bm25_search(query, self.fetch_k)
+        vector = self.index.embedder.embed_query(query) if self.mode in ("hybrid", "dense") else None
+        t1 = time.perf_counter()
+        for attempt in range(3):
+            chunks = self.index.load_chunks()
+            lists: dict[str, list[tuple[str, float]]] = {}
+            if vector is not None:
+                lists["dense"] = self.index.dense_search(vector, self.fetch_k)
+                # Too few live vectors: an ingest committed after the chunks were read and is deleting the
+                # old version's vectors. Read the new state and search it, so one answer sees one version.
+                if len(lists["dense"]) < min(self.fetch_k, len(chunks)) and attempt < 2 and self.index.changed():
+                    self.index.refresh()
+                    continue
+            if self.mode in ("hybrid", "bm25"):
+                lists["bm25"] = self.index.bm25_search(query, self.fetch_k)
+            break
         fused = distinct_texts(rrf_fuse(lists, 2 * self.fetch_k, self.rrf_k), chunks, k)
         t2 = time.perf_counter()
         hits = []
@@ -136,8 +148,7 @@ class HybridRetriever:
                     bm25_score=bm25[1] if bm25 else None,
                 )
             )
-        return Retrieval(hits=hits, embed_ms=(t1 - t0) * 1000, search_ms=(t2 - t1) * 1000,
-                         vector=vector if self.mode in ("hybrid", "dense") else None)
+        return Retrieval(hits=hits, embed_ms=(t1 - t0) * 1000, search_ms=(t2 - t1) * 1000, vector=vector)
 
 
 # ---- context focus: the sentences that matter ------------------------------------------------------------

@@ -14,7 +14,7 @@ from ragqa.errors import RagqaError
 from ragqa.index import Index, tokenize
 from ragqa.ingest import load_text
 
-from .conftest import CORPUS, assert_one_line_error, make_settings, run_cli
+from .conftest import CORPUS, LIGHT_EMBEDDER, assert_one_line_error, make_settings, run_cli
 
 
 def test_tokenize_chinese_and_english() -> None:
@@ -203,6 +203,66 @@ def test_a_folder_deleted_elsewhere_leaves_nothing_behind(tmp_path: Path, embedd
     report = idx.ingest([other])
     assert report.files_added == 1 and report.files_removed == 2
     assert set(_sources(idx)) == {"c.txt"} and _vector_sources(idx) == {"c.txt"}
+
+
+@pytest.mark.slow
+def test_dense_search_reaches_past_uncommitted_vectors(tmp_path: Path, light_embedder) -> None:
+    """A re-ingest in progress has written the new version's vectors but not committed it: they are the
+    query's nearest and not live. Readers must still get the committed chunks (CI of stop 10: a reader got
+    no hits at all, as 8 extra places were not enough and BM25 had nothing for the English question)."""
+    from ragqa.index import Progress
+    from ragqa.ingest import load_document, split_document
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    note = "Note {} on mixture of experts: each token is routed to two experts.\n"
+    (docs / "moe.txt").write_text("".join(note.format(i) for i in range(6)), encoding="utf-8")
+    settings = make_settings(index=tmp_path / "idx", chunk_size=120, chunk_overlap=0)
+    idx = Index(settings, embedder=light_embedder)
+    idx.ingest([docs])
+    live = set(idx.load_chunks())
+    path = docs / "moe.txt"
+    path.write_text("".join(note.format(i) for i in range(6, 60)), encoding="utf-8")
+    data = path.read_bytes()
+    pending = split_document(load_document(path, data), str(path), 120, 0, "v2")
+    idx._add_vectors(pending, Progress())  # what the writer has done before its commit
+    question = light_embedder.embed_query("How are tokens routed to experts in a mixture of experts?")
+    assert len(pending) > 4 * (min(5, len(live)) + 8)  # more than a fixed over-fetch could get past
+    got = Index(settings, embedder=light_embedder).dense_search(question, 5)
+    assert {cid for cid, _ in got} <= live and len(got) == min(5, len(live))
+
+
+@pytest.mark.slow
+def test_a_long_lived_reader_follows_later_ingests(tmp_path: Path, light_embedder) -> None:
+    """chat and serve keep one Index: after another ingest commits (or rebuilds), their next retrieval
+    answers from the new state, not from chunks whose vectors that ingest has deleted."""
+    from ragqa.retrieve import HybridRetriever
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("杰文斯悖论：效率提高反而增加总消耗。VERSIONONE", encoding="utf-8")
+    settings = make_settings(index=tmp_path / "idx", chunk_size=120, chunk_overlap=0)
+    Index(settings, embedder=light_embedder).ingest([docs])
+    reader = Index(settings, embedder=light_embedder)
+    retriever = HybridRetriever(reader, k=3)
+    assert "VERSIONONE" in retriever.retrieve("杰文斯悖论").hits[0].chunk.text
+    assert not reader.changed()
+    Index(settings, embedder=light_embedder).ingest([docs])  # nothing changed: no new generation
+    assert not reader.changed()
+
+    (docs / "a.txt").write_text("杰文斯悖论：效率提高反而增加总消耗。VERSIONTWO", encoding="utf-8")
+    Index(settings, embedder=light_embedder).ingest([docs])
+    assert reader.changed()
+    assert "VERSIONTWO" in retriever.retrieve("杰文斯悖论").hits[0].chunk.text
+
+    # --rebuild from another process replaces the state and the vector store: say so, never answer from
+    # the deleted files this process's Chroma client still holds.
+    proc = run_cli("ingest", "--rebuild", str(docs), env={
+        "RAGQA_INDEX": str(settings.index_dir), "RAGQA_MODELS": str(settings.models_dir),
+        "RAGQA_EMBEDDER": LIGHT_EMBEDDER, "RAGQA_CHUNK_SIZE": "120", "RAGQA_CHUNK_OVERLAP": "0"})
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(RagqaError, match="rebuilt by another process"):
+        retriever.retrieve("杰文斯悖论")
 
 
 def test_an_index_from_before_pages_is_migrated(tmp_path: Path) -> None:

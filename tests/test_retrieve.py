@@ -16,8 +16,10 @@ def test_rrf_fuse_orders_by_summed_reciprocal_ranks() -> None:
     assert a[0] == pytest.approx(1 / 61 + 1 / 62)
     assert a[1] == {"dense": (1, 0.9), "bm25": (2, 3.0)}
     assert rrf_fuse({"dense": [], "bm25": []}, k=5) == []
-    # Deterministic tie-break.
-    assert [d for d, _, _ in rrf_fuse({"x": [("b", 1.0)], "y": [("a", 1.0)]}, k=2)] == ["a", "b"]
+    # Ties go to the better single rank, then to the list given first, whatever the ids (they hash paths).
+    for first, second in (("a", "b"), ("b", "a")):
+        tied = rrf_fuse({"dense": [(first, 0.5), ("c", 0.4)], "bm25": [(second, 9.0), ("d", 1.0)]}, k=4)
+        assert [d for d, _, _ in tied] == [first, second, "c", "d"]
 
 
 @pytest.mark.slow
