@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -280,6 +281,31 @@ def attribute(answer: str, hits: list[Hit], threshold: float = 0.3) -> int | Non
     return best if best_score >= threshold else None
 
 
+class _Background:
+    """A call running in a daemon thread; `result` waits for it and returns its value or raises its error."""
+
+    def __init__(self, call: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call, *args), name="ragqa-preload", daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._value = call(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller of result()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class QA:
     """The ragqa pipeline over one index. Loads the embedder and the model once, lazily."""
 
@@ -292,6 +318,7 @@ class QA:
         self.settings = settings
         self.index = index or Index(settings)
         self._llm = llm
+        self._loading: _Background | None = None
         self._sentence_vectors: dict[str, list[float]] = {}
         self.retriever = HybridRetriever(
             self.index, k=settings.k, fetch_k=settings.fetch_k, rrf_k=settings.rrf_k,
@@ -301,11 +328,18 @@ class QA:
     @property
     def llm(self) -> ChatModel:
         if self._llm is None:
-            self._llm = load_llm(self.settings)
+            loading, self._loading = self._loading, None
+            self._llm = loading.result() if loading else load_llm(self.settings)
         return self._llm
 
-    def prepare(self) -> None:
-        """Fail fast, before the user waits on a model load: missing index or model, embedder mismatch."""
+    def prepare(self, preload: bool = False) -> None:
+        """Fail fast, before the user waits on a model load: missing index or model, embedder mismatch.
+
+        `preload` starts loading the local model in a thread, to overlap the question's embedding and
+        retrieval (`ragqa ask`). llama.cpp's load runs in C without the GIL, while the embedder's tokenizer and
+        jieba hold it, so the two add up to about the longer one. Not for `chat`: llama-cpp-python points
+        stdout and stderr at /dev/null while it loads, which would swallow the chat's prompt.
+        """
         if self._llm is None and not self.settings.llm_url:
             models.resolve(self.settings.model, self.settings.models_dir, kind="llm")
         elif self._llm is None:
@@ -317,6 +351,10 @@ class QA:
         # before any model loads, and importing chromadb (~0.4-0.8 s) overlaps the embedder session that
         # `ragqa ask` has started building in a thread (onnx_export.prestart) instead of following it.
         _ = self.index.store
+        if preload and self._llm is None and self._loading is None and not self.settings.llm_url:
+            import llama_cpp  # noqa: F401  (imported here, not beside the main thread's imports: see onnx_export.prestart)
+
+            self._loading = _Background(load_llm, self.settings)
 
     def fit_hits(self, question: str, hits: list[Hit], vector: list[float] | None = None) -> list[Hit]:
         """The passages as the model will see them: their best sentences within `context_tokens` (see
@@ -369,6 +407,21 @@ class QA:
         history: list[tuple[str, str]] | None = None,
         k: int | None = None,
         retrieval_only: bool = False,
+    ) -> Answer:
+        try:
+            return self._ask(question, on_token, history, k, retrieval_only)
+        except BaseException:
+            if self._loading is not None:
+                self._loading.wait()  # its redirected stderr would swallow the error the caller prints next
+            raise
+
+    def _ask(
+        self,
+        question: str,
+        on_token: Callable[[str], None] | None,
+        history: list[tuple[str, str]] | None,
+        k: int | None,
+        retrieval_only: bool,
     ) -> Answer:
         question = check_question(question)
         t0 = time.perf_counter()

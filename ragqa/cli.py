@@ -248,7 +248,7 @@ def ask(
 
     check_question(question)
     qa = QA(settings)
-    qa.prepare()
+    qa.prepare(preload=True)
     if as_json:
         answer = qa.ask(question)
         print(json.dumps(answer.as_dict(), ensure_ascii=False))

@@ -8,6 +8,7 @@ points of recall, so each adapter routes `embed_query` and `embed_documents` to 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -95,7 +96,7 @@ class OnnxEmbeddings(Embeddings):
     def __init__(self, name: str, path: Path, batch_size: int = 16, threads: int | None = None) -> None:
         try:
             import onnxruntime  # noqa: F401  (missing: fail here, with the pip hint)
-            from tokenizers import Tokenizer
+            import tokenizers  # noqa: F401
         except ImportError as exc:
             raise RagqaError(f"cannot run embedder {name} on ONNX Runtime: {exc}; pip install onnxruntime") from None
         stale = onnx_export.export_status(path)
@@ -114,14 +115,8 @@ class OnnxEmbeddings(Embeddings):
             model_file = onnx_export.onnx_dir(path) / onnx_export.ONNX_FILE
             prestarted = onnx_export.take_prestarted(model_file, threads)
             self.session = prestarted or onnx_export.session(model_file, threads)
-            # Gemma's tokenizer.json (262k tokens, 515k merges) takes ~1.1 s to parse, holding the GIL. Loading
-            # it in a thread beside the session gained nothing (1,912 ms against 1,908 in series): the session
-            # creation needs the GIL at points and waits for the parse to end.
-            self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-            self.tokenizer.no_padding()
-            self.tokenizer.enable_truncation(max_length=max_len)
-            pad = self.tokenizer.token_to_id(str(tok_config.get("pad_token") or "<pad>"))
-            self.pad_id = int(pad if pad is not None else 0)
+            self.tokenizer = FolderTokenizer(path, max_len, str(tok_config.get("pad_token") or "<pad>"))
+            self.pad_id = self.tokenizer.pad_id
         except RagqaError:
             raise
         except Exception as exc:  # onnxruntime and tokenizers raise their own types; the user needs one line
@@ -130,7 +125,7 @@ class OnnxEmbeddings(Embeddings):
 
     def token_ids(self, texts: list[str], prompt: str) -> list[list[int]]:
         """Token ids per text, exactly those sentence-transformers feeds the model (before padding)."""
-        return [enc.ids for enc in self.tokenizer.encode_batch([prompt + t for t in texts])]
+        return self.tokenizer.encode([prompt + t for t in texts])
 
     def _encode(self, texts: list[str], prompt: str) -> Any:
         import numpy as np
@@ -159,6 +154,137 @@ class OnnxEmbeddings(Embeddings):
 
     def embed_query(self, text: str) -> list[float]:
         return self._encode([text], self.query_prompt)[0].tolist()
+
+
+SPM_CHECK_FILE = "spm-check.json"  # in the export folder: the verdict on the folder's tokenizer.model
+SPM_CHECK_VERSION = 1
+# What SentencePiece must tokenize exactly as tokenizer.json before it stands in for it: the prompts' shape,
+# Chinese and English, whitespace runs, symbols, emoji, combining marks, control and unassigned characters.
+SPM_CHECK_TEXTS = (
+    "", "a", " ", "  x", "x  ", "task: search result | query: 杰文斯悖论是什么？",
+    "title: none | text: 生成式 AI 的 Scaling Law（规模定律）在 2024 年仍然成立吗？",
+    "What is the Jevons paradox? Efficiency gains raise total consumption.",
+    "第一行\n第二行\n\n\n第三行\t制表符\r\n", "    indented code:\n\tif x < 3 && y > 2: return [1, 2]",
+    "GPT-4o、Llama 3.1 405B、DeepSeek-V3 与 Qwen2.5-72B 的对比：MMLU 88.7%，HumanEval 90.2。",
+    "emoji 🙂🔥👩‍💻 ℌ𝔢𝔩𝔩𝔬 é́́ \u0301\u200b\u200d\ufeff\x00\x07\x7f\u2028\U0010fffd 𐍈",
+    "ジェヴォンズのパラドックス 제번스의 역설 Парадокс Джевонса مفارقة جيفونز जेवन्स विरोधाभास",
+    "全角ＡＢＣ１２３　空格，半角,punctuation!?…——《》「」", "https://example.com/a_b?c=d&e=f#g ~`@$%^*()=+{}|\\",
+)
+
+
+class FolderTokenizer:
+    """A sentence-transformers folder's tokenizer.json ids (what the model was exported with), loaded fast.
+
+    Why: Gemma's tokenizer.json (262k tokens, 515k merges) takes ~1.1 s to parse, holding the GIL, in every
+    cold `ragqa ask`, and a thread beside the session gained nothing (1,912 ms against 1,908 in series). The
+    same folder's tokenizer.model loads in SentencePiece in ~0.1 s and gives the same ids, except on a few
+    strings (special tokens written out in a text, runs of SentencePiece's own "▁"). So SentencePiece is used
+    only after a check against tokenizer.json passed (`SPM_CHECK_FILE`, made on the first load), and never
+    for a text holding one of the strings the check found to differ: those texts, and folders without
+    tokenizer.model or sentencepiece, are tokenized by tokenizer.json, loaded when first needed.
+    """
+
+    def __init__(self, path: Path, max_len: int, pad_token: str) -> None:
+        self.path = path
+        self.max_len = max_len
+        self._hf: Any = None
+        self.sp: Any = None
+        check = self._check(pad_token)
+        if check is None or not check["usable"]:
+            self.pad_id = self._pad_id(self.hf, pad_token)
+            return
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+        self.prefix, self.suffix = list(check["prefix"]), list(check["suffix"])
+        self.differs: list[str] = list(check["differs_on"])
+        self.pad_id = int(check["pad_id"])
+
+    @property
+    def hf(self) -> Any:
+        if self._hf is None:
+            from tokenizers import Tokenizer
+
+            self._hf = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+            self._hf.no_padding()
+            self._hf.enable_truncation(max_length=self.max_len)
+        return self._hf
+
+    @staticmethod
+    def _pad_id(hf: Any, pad_token: str) -> int:
+        pad = hf.token_to_id(pad_token)
+        return int(pad if pad is not None else 0)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        out: list[list[int] | None] = [None] * len(texts)
+        if self.sp is not None:
+            fast = [i for i, t in enumerate(texts) if not any(s in t for s in self.differs)]
+            room = self.max_len - len(self.prefix) - len(self.suffix)  # tokenizer.json truncates before adding them
+            for i, ids in zip(fast, self.sp.encode([texts[i] for i in fast]), strict=True):
+                out[i] = self.prefix + ids[:room] + self.suffix
+        slow = [i for i, ids in enumerate(out) if ids is None]
+        if slow:
+            for i, enc in zip(slow, self.hf.encode_batch([texts[i] for i in slow]), strict=True):
+                out[i] = enc.ids
+        return out  # type: ignore[return-value]
+
+    def _key(self) -> dict[str, Any]:
+        import tokenizers
+
+        try:
+            import sentencepiece
+        except ImportError:
+            return {}
+        files = {}
+        for name in ("tokenizer.json", "tokenizer.model"):
+            st = (self.path / name).stat()
+            files[name] = [st.st_size, st.st_mtime_ns]
+        return {"version": SPM_CHECK_VERSION, "files": files, "tokenizers": tokenizers.__version__,
+                "sentencepiece": sentencepiece.__version__}
+
+    def _check(self, pad_token: str) -> dict[str, Any] | None:
+        """The stored verdict on tokenizer.model, or a new one (costs one tokenizer.json parse, once)."""
+        if not (self.path / "tokenizer.model").is_file():
+            return None
+        key = self._key()
+        if not key:
+            return None  # sentencepiece is not installed
+        record = onnx_export.onnx_dir(self.path) / SPM_CHECK_FILE
+        try:
+            stored = json.loads(record.read_text(encoding="utf-8"))
+            if stored.get("key") == key:
+                return stored
+        except (OSError, ValueError):
+            pass
+        verdict = {"key": key, **spm_verdict(self.path, self.hf), "pad_id": self._pad_id(self.hf, pad_token)}
+        try:
+            tmp = record.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(verdict, ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, record)
+        except OSError:
+            pass  # a read-only models folder checks again next time
+        return verdict
+
+
+def spm_verdict(path: Path, hf: Any) -> dict[str, Any]:
+    """Whether tokenizer.model gives tokenizer.json's ids, the ids tokenizer.json adds around them, and the
+    strings (added tokens, "▁") on which the two differ."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    probe_hf, probe_sp = hf.encode("a").ids, sp.encode("a")
+    at = next((i for i in range(len(probe_hf)) if probe_hf[i : i + len(probe_sp)] == probe_sp), None)
+    if not probe_sp or at is None:
+        return {"usable": False, "prefix": [], "suffix": [], "differs_on": []}
+    prefix, suffix = probe_hf[:at], probe_hf[at + len(probe_sp) :]
+
+    def same(text: str) -> bool:
+        return hf.encode(text).ids == prefix + sp.encode(text) + suffix
+
+    usable = all(same(t) for t in SPM_CHECK_TEXTS)
+    candidates = [t.content for t in hf.get_added_tokens_decoder().values()] + ["\u2581"]
+    differs = sorted({c for c in candidates if c and not (same(c) and same(f"x {c} y"))})
+    return {"usable": usable, "prefix": prefix, "suffix": suffix, "differs_on": differs}
 
 
 EMBEDDERS: dict[str, Callable[..., Embeddings]] = {

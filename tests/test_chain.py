@@ -209,3 +209,41 @@ def test_paged_sources_are_cited_by_page_and_others_by_line() -> None:
     prompt = build_messages("青岚湖有多深？", [pdf])[1]["content"]
     assert "[1] (report.pdf p.2 · 湖泊数据)" in prompt
     assert pdf.as_dict()["page"] == 2 and QA._citation(1, pdf)["page"] == 2
+
+
+def test_background_call_hands_over_its_value_or_its_error() -> None:
+    import time
+
+    from ragqa.chain import _Background
+
+    assert _Background(lambda x: x * 2, 21).result() == 42
+
+    def fail() -> None:
+        time.sleep(0.2)
+        raise RagqaError("llama.cpp could not load x.gguf")
+
+    loading = _Background(fail)
+    with pytest.raises(RagqaError, match="could not load"):
+        loading.result()
+
+
+@pytest.mark.slow
+def test_preloaded_model_answers_and_a_failed_question_waits_for_the_load(corpus_settings: Settings,
+                                                                          embedder) -> None:
+    """`ragqa ask` loads the GGUF in a thread while the question is embedded and retrieved. The answer is
+    the one a lazily loaded model gives; a question that fails meanwhile waits for the load to end, whose
+    redirected stderr would otherwise swallow the error line."""
+    from .conftest import SMALL_MODEL
+
+    settings = corpus_settings.replace(model=SMALL_MODEL, max_tokens=24)
+    qa = QA(settings, index=Index(settings, embedder=embedder))
+    qa.prepare(preload=True)
+    loading = qa._loading
+    assert loading is not None and loading._thread.is_alive()
+    with pytest.raises(RagqaError, match="empty"):
+        qa.ask("   ")
+    assert not loading._thread.is_alive()
+    answer = qa.ask("杰文斯悖论是什么？")
+    assert qa._loading is None and qa.llm is loading._value
+    lazy = QA(settings, index=qa.index, llm=qa.llm).ask("杰文斯悖论是什么？")
+    assert [h.chunk.id for h in answer.hits] == [h.chunk.id for h in lazy.hits] and answer.answer

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ragqa import onnx_export
 from ragqa.embed import load_embedder
@@ -144,6 +146,77 @@ def test_onnx_matches_sentence_transformers(onnx_models_dir: Path) -> None:
         print(f"{label}: n={len(got)} max_abs_diff={diff:.2e} min_cosine={cos:.7f}")
         assert cos > MIN_COSINE, (label, cos)
         assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+
+
+def _reference_tokenizer(path: Path, max_len: int):
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(path / "tokenizer.json"))
+    hf.no_padding()
+    hf.enable_truncation(max_length=max_len)
+    return hf
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _fast_and_reference(models_dir: Path):
+    from ragqa import models
+    from ragqa.embed import FolderTokenizer
+
+    if not _TOKENIZERS:
+        _, path, _ = models.resolve(EMBEDDER, models_dir, kind="embedder")
+        _TOKENIZERS["pair"] = (FolderTokenizer(path, 64, "<pad>"), _reference_tokenizer(path, 64))
+    return _TOKENIZERS["pair"]
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
+       | st.lists(st.sampled_from(["▁", "▁▁", "<eos>", "<bos>", "<pad>", "<start_of_turn>", "<unused7>", " ", "\n",
+                                   "\t", "杰文斯", "Jevons", "🙂", "\u200b"]), max_size=20).map("".join))
+def test_sentencepiece_gives_tokenizer_json_ids(onnx_models_dir: Path, text: str) -> None:
+    """The fast tokenizer stands in for tokenizer.json only if the ids are the same, for any text: plain
+    ones through SentencePiece, the few it gets wrong (special tokens, runs of "▁") through tokenizer.json."""
+    tok, hf = _fast_and_reference(onnx_models_dir)
+    assert tok.sp is not None
+    for prompt in ("", "task: search result | query: ", "title: none | text: "):
+        assert tok.encode([prompt + text]) == [hf.encode(prompt + text).ids]
+
+
+@pytest.mark.slow
+def test_sentencepiece_check_is_recorded_and_obeyed(onnx_models_dir: Path, tmp_path: Path) -> None:
+    """The verdict is made once (tokenizer.json is parsed for it) and kept beside the export; a folder whose
+    check failed, or that has no tokenizer.model, gets tokenizer.json's ids all the same."""
+    import shutil
+
+    from ragqa import models
+    from ragqa.embed import SPM_CHECK_FILE, FolderTokenizer
+
+    _, path, _ = models.resolve(EMBEDDER, onnx_models_dir, kind="embedder")
+    copy = tmp_path / "gemma"
+    (copy / "onnx").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        shutil.copy2(path / name, copy / name)
+    texts = _corpus_texts() + ["x <eos> y", "▁▁ indented"]
+    want = [enc.ids for enc in _reference_tokenizer(path, 2048).encode_batch(texts)]
+
+    first = FolderTokenizer(copy, 2048, "<pad>")
+    record = json.loads((copy / "onnx" / SPM_CHECK_FILE).read_text(encoding="utf-8"))
+    assert record["usable"] and record["prefix"] == [2] and record["suffix"] == [1] and record["pad_id"] == 0
+    assert {"<eos>", "<bos>", "▁▁"} <= set(record["differs_on"])
+    assert first._hf is not None and first.encode(texts) == want
+    second = FolderTokenizer(copy, 2048, "<pad>")
+    assert second.sp is not None and second._hf is None  # no tokenizer.json parse in a later process
+    assert second.encode(texts[:-2]) == want[:-2] and second._hf is None
+    assert second.encode(texts) == want  # the texts SentencePiece gets wrong load tokenizer.json, then
+
+    (copy / "onnx" / SPM_CHECK_FILE).write_text(json.dumps({**record, "usable": False}), encoding="utf-8")
+    failed = FolderTokenizer(copy, 2048, "<pad>")
+    assert failed.sp is None and failed.encode(texts) == want
+    (copy / "tokenizer.model").unlink()
+    plain = FolderTokenizer(copy, 2048, "<pad>")
+    assert plain.sp is None and plain.encode(texts) == want
 
 
 @pytest.mark.slow
