@@ -332,12 +332,16 @@ def chat(
 # ---- eval --------------------------------------------------------------------------------------------
 @app.command("eval")
 def eval_cmd(
-    args: Annotated[list[str], typer.Argument(help="FILE.jsonl to run, or: compare A_DIR B_DIR.")],
+    args: Annotated[list[str], typer.Argument(help="FILE.jsonl [FILE.jsonl ...] to run, or: compare A_DIR B_DIR.")],
+    split: Annotated[str, typer.Option("--split", help="tune, test or all: the part of the suite to run. "
+                                       "Tune defaults on tune; report test.")] = "all",
     k: KOpt = None,
     model: ModelOpt = None,
     embedder: EmbedderOpt = None,
     index: IndexOpt = None,
     retrieval_only: Annotated[bool, typer.Option("--retrieval-only", help="Score retrieval; skip generation.")] = False,
+    context_only: Annotated[bool, typer.Option("--context-only", help="Retrieve and fit the prompt's passages, no "
+                                               "answer: evidence_recall@k and evidence_in_prompt only.")] = False,
     pipeline: Annotated[str | None, typer.Option("--pipeline", help="ragqa or baseline.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Directory for results, summary, report.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N questions.")] = None,
@@ -357,14 +361,14 @@ def eval_cmd(
             raise RagqaError("usage: ragqa eval compare A_DIR B_DIR")
         evals.compare(Path(args[1]), Path(args[2]), console=out)
         return
-    if len(args) != 1:
-        raise RagqaError("usage: ragqa eval FILE.jsonl [options]  or  ragqa eval compare A_DIR B_DIR")
+    if not args:
+        raise RagqaError("usage: ragqa eval FILE.jsonl [FILE.jsonl ...] [options]  or  ragqa eval compare A_DIR B_DIR")
     from ragqa.chain import QA
 
     settings = settings_from(k=k, model=model, embedder=embedder, index=index, pipeline=pipeline,
                              chunk_size=chunk_size, chunk_overlap=chunk_overlap, threads=threads,
                              llm_url=llm_url, llm_model=llm_model, api_key_env=api_key_env, chroma_url=chroma_url)
-    questions = evals.load_suite(Path(args[0]), limit=limit)
+    questions = evals.load_suite([Path(a) for a in args], limit=limit, split=split)
     qa = QA(settings)
     settings = qa.settings  # the baseline pipeline brings its own chunking, k and index
     stale = qa.index.stale_reason([settings.corpus])
@@ -373,14 +377,16 @@ def eval_cmd(
         run_ingest(settings, [settings.corpus])
     qa.prepare()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = out_dir or settings.home / "runs" / f"{stamp}-{settings.pipeline}"
+    target = out_dir or settings.home / "runs" / f"{stamp}-{settings.pipeline}-{split}"
     config = settings.as_dict()
-    config["eval_file"] = str(args[0])
+    config["eval_file"] = " ".join(args)
+    config["split"] = split
+    config["context_only"] = context_only
     if not retrieval_only:
         config["model"] = qa.llm.name
     summary = evals.run_suite(
         questions,
-        lambda q: qa.ask(q["question"], retrieval_only=retrieval_only).as_dict(),
+        lambda q: qa.ask(q["question"], retrieval_only=retrieval_only, context_only=context_only).as_dict(),
         Path(target),
         settings.corpus,
         config,

@@ -752,6 +752,9 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, corpus_dir: Path) -
     assert '<table class="metrics">' in dom and "key-fact accuracy" in dom
     assert "<svg" in dom and "<rect" in dom and "<circle" in dom
     assert "翻译耳机支持多少种语言" in dom and "invalid citation [9]" in dom
+    # The funnel: its chart with a bar per step, and the table of where each question ended.
+    assert "Where the questions were lost" in dom and "evidence in the prompt" in dom
+    assert "answered without all key facts" in dom and "95% interval" in dom
 
 
 def test_offsets_follow_ingest_decoding_of_crlf_and_bom(tmp_path: Path) -> None:
@@ -763,3 +766,222 @@ def test_offsets_follow_ingest_decoding_of_crlf_and_bom(tmp_path: Path) -> None:
     assert span is not None
     assert text[span.start : span.end] == "the answer: 1,234 units"
     assert span.start == text.index("the answer")
+
+
+# --- fair matching ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "must", "ok"),
+    [
+        ("这是第四次浪潮", "第4次", True),
+        ("第4次浪潮", "第四次", True),
+        ("共有四种方法", "4", True),
+        ("两个专家被激活", "2个", True),
+        ("准确率达到百分之九十", "90%", True),
+        ("准确率达到 90 percent", "90%", True),
+        ("准确率达到９０％", "90%", True),
+        ("需要 8 GB 显存", "8GB", True),
+        ("需要8千兆字节显存", "8 GB", True),
+        ("参数达到一百零五亿", "105亿", True),
+        ("二〇二四年发布", "2024", True),
+        ("It took eight months", "8 months", True),
+        ("twenty-two layers", "22", True),
+        ("百分之七十的公司", "70%", True),
+        ("增长了十二倍", "12倍", True),
+        # no false friends: a lone 一 is a word, 一 is not 10, a different number stays different
+        ("他们统一了标准", "1", False),
+        ("one of the models", "1", False),
+        ("准确率达到百分之八十", "90%", False),
+        ("第三次浪潮", "第4次", False),
+    ],
+)
+def test_key_fact_matching_rules(answer: str, must: str, ok: bool) -> None:
+    assert (normalize_text(must) in normalize_text(answer)) is ok, (normalize_text(answer), normalize_text(must))
+
+
+def test_chinese_numeral_values() -> None:
+    from ragqa.evals.metrics import chinese_numeral_value
+
+    cases = {"四": 4, "十": 10, "十二": 12, "二十": 20, "三十五": 35, "一百零五": 105, "两千": 2000,
+             "一千二百": 1200, "二〇二四": 2024, "九十": 90}
+    assert {k: chinese_numeral_value(k) for k in cases} == cases
+    assert chinese_numeral_value("二二十") is None and chinese_numeral_value("百十") is None
+
+
+def test_fair_matching_counts_in_key_fact_accuracy(corpus: CorpusTexts) -> None:
+    # Q_EAR's key fact is written 四十种; an answer in Arabic digits is the same fact.
+    retrieved = [around(ZH_FILE, "翻译耳机支持四十种语言的实时互译")]
+    rec = record(Q_EAR, result(Q_EAR, retrieved, answer="支持40种语言[1]", cite=[1]), corpus)
+    assert rec["scores"]["key_facts_ok"] is True and rec["correct"] is True
+
+
+# --- evidence in the prompt and the funnel -----------------------------------------------------------
+
+
+def with_context(res: dict[str, Any], shown: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    """The result as the pipeline writes it now: `retrieved` is what was found, `context` what the model
+    saw (a chunk's place with the text given, which focus may have cut)."""
+    res["context"] = [
+        {"n": n, "source": c["source"], "start": c["start"], "end": c["end"], "text": text, "focused": text != c["text"]}
+        for n, (c, text) in enumerate(shown, start=1)
+    ]
+    return res
+
+
+def test_evidence_in_prompt_needs_the_quote_in_the_text_the_model_saw(corpus: CorpusTexts) -> None:
+    whole = chunk(ZH_FILE, 0, len(ZH_TEXT))
+    kept = with_context(result(Q_REV, [whole], answer="1000万元[1]", cite=[1]), [(whole, whole["text"])])
+    cut = with_context(result(Q_REV, [whole], answer="无法回答", refused=True), [(whole, "第一章 公司概况")])
+    dropped = with_context(result(Q_REV, [whole], answer="无法回答", refused=True), [])
+    s_kept = record(Q_REV, kept, corpus)["scores"]
+    s_cut = record(Q_REV, cut, corpus)["scores"]
+    s_dropped = record(Q_REV, dropped, corpus)["scores"]
+    assert (s_kept["hit"], s_kept["in_prompt"], s_kept["stage"]) == (True, True, "right")
+    assert (s_cut["hit"], s_cut["in_prompt"], s_cut["stage"]) == (True, False, "cut")
+    assert (s_dropped["hit"], s_dropped["in_prompt"], s_dropped["stage"]) == (True, False, "cut")
+    summary = summarize([record(Q_REV, kept, corpus), record(Q_REV, cut, corpus)], {})
+    overall = summary["overall"]
+    assert overall["evidence_recall@k"] == 1.0 and overall["evidence_in_prompt"] == 0.5
+    assert overall["counts"]["evidence_in_prompt"] == [1, 2]
+
+
+def test_evidence_in_prompt_from_results_written_before_context_existed(corpus: CorpusTexts) -> None:
+    # Older results: `retrieved` was what the model saw, a focused passage carrying its text in "context".
+    c = around(ZH_FILE, "营业收入为1,000万元", before=20, after=20)
+    old = result(Q_REV, [{**c, "context": "董事长表示，明年将继续扩大研发投入。"}], answer="不知道", refused=True)
+    assert record(Q_REV, old, corpus)["scores"]["in_prompt"] is False
+    assert record(Q_REV, result(Q_REV, [c], answer="1000万元[1]", cite=[1]), corpus)["scores"]["in_prompt"] is True
+
+
+@pytest.mark.parametrize(
+    ("retrieved", "shown", "answer", "refused", "stage"),
+    [
+        (False, False, "不知道", True, "not_retrieved"),
+        (True, False, "不知道", True, "cut"),
+        (True, True, "不知道", True, "refused"),
+        (True, True, "收入很高[1]", False, "incomplete"),
+        (True, True, "1000万元[1]", False, "right"),
+        (False, False, "1000万元[1]", False, "right"),  # right is right, wherever retrieval stood
+    ],
+)
+def test_funnel_stage_of_an_answerable_question(
+    corpus: CorpusTexts, retrieved: bool, shown: bool, answer: str, refused: bool, stage: str
+) -> None:
+    evidence = around(ZH_FILE, "营业收入为1,000万元")
+    other = elsewhere(EN_FILE)
+    found = [evidence] if retrieved else [other]
+    seen = [(evidence, evidence["text"])] if shown else [(other, other["text"])]
+    res = with_context(result(Q_REV, found, answer=answer, refused=refused, cite=None if refused else [1]), seen)
+    assert record(Q_REV, res, corpus)["scores"]["stage"] == stage
+
+
+def test_funnel_counts_and_negatives(corpus: CorpusTexts) -> None:
+    refused = record(Q_NEG, result(Q_NEG, [elsewhere(EN_FILE)], answer="no", refused=True), corpus)
+    answered = record(Q_NEG, result(Q_NEG, [elsewhere(EN_FILE)], answer="Bob [1]", cite=[1]), corpus)
+    missed = record(Q_REV, result(Q_REV, [elsewhere(EN_FILE)], answer="不知道", refused=True), corpus)
+    right = record(Q_REV, result(Q_REV, [around(ZH_FILE, "营业收入为1,000万元")], answer="1000万元[1]", cite=[1]),
+                   corpus)
+    assert (refused["scores"]["stage"], answered["scores"]["stage"]) == ("refused", "answered")
+    funnel = summarize([refused, answered, missed, right], {})["overall"]["funnel"]
+    assert funnel == {
+        "answerable": {"not_retrieved": 1, "cut": 0, "refused": 0, "incomplete": 0, "right": 1},
+        "negative": {"refused": 1, "answered": 1},
+    }
+
+
+def test_wilson_interval_and_counts_in_summary(corpus: CorpusTexts) -> None:
+    from ragqa.evals.metrics import wilson_interval
+
+    lo, hi = wilson_interval(31, 50)
+    assert lo == pytest.approx(0.4821, abs=1e-3) and hi == pytest.approx(0.7406, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 0) is None
+    recs = [record(q, good_ask(q), corpus) for q in SUITE]
+    overall = summarize(recs, {})["overall"]
+    assert overall["counts"]["key_fact_accuracy"] == [3, 3]
+    assert overall["ci95"]["key_fact_accuracy"][1] == 1.0 and overall["ci95"]["key_fact_accuracy"][0] < 0.5
+
+
+def test_summary_table_prints_rates_with_counts_funnel_and_intervals(tmp_path: Path, corpus_dir: Path) -> None:
+    con = console()
+    run_suite(SUITE, good_ask, tmp_path / "run", corpus_dir, {}, console=con)
+    text = output(con)
+    assert "1.000 3/3" in text  # key facts: rate and count together
+    assert "where each question ended" in text and "not retrieved" in text and "unanswerable: refused" in text
+    assert "95% interval" in text
+
+
+# --- splits ---------------------------------------------------------------------------------------------
+
+
+def test_load_suite_split_and_several_files(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps({**Q_REV, "split": "tune"}, ensure_ascii=False) + "\n"
+                 + json.dumps({**Q_LIGHT, "split": "test"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    b.write_text(json.dumps({**Q_NEG, "split": "test"}) + "\n", encoding="utf-8")
+    assert [q["id"] for q in load_suite([a, b], split="test")] == ["q2", "q3"]
+    assert [q["id"] for q in load_suite([a, b], split="tune")] == ["q1"]
+    assert [q["id"] for q in load_suite([a, b], split="all")] == ["q1", "q2", "q3"]
+    with pytest.raises(RagqaError, match="duplicate id 'q1'"):
+        load_suite([a, a])
+    with pytest.raises(RagqaError, match="--split is 'dev'"):
+        load_suite([a], split="dev")
+    unsplit = tmp_path / "c.jsonl"
+    unsplit.write_text(json.dumps(Q_EAR, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(RagqaError, match="record no split"):
+        load_suite([unsplit], split="test")
+    bad = tmp_path / "d.jsonl"
+    bad.write_text(json.dumps({**Q_EAR, "split": "train"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(RagqaError, match="field 'split' is 'train'"):
+        load_suite([bad])
+
+
+# --- compare: noise and stage moves ------------------------------------------------------------------
+
+
+def test_paired_differences_say_when_a_change_is_beyond_the_noise() -> None:
+    from ragqa.evals.runner import paired_differences
+
+    def recs(flags: list[bool]) -> list[dict[str, Any]]:
+        return [{"id": f"q{i}", "correct": f, "scores": {"answerable": True, "key_facts_ok": f}}
+                for i, f in enumerate(flags)]
+
+    base = [False] * 40 + [True] * 10
+    one_flip = recs([True] + base[1:])
+    many = recs([True] * 30 + [False] * 10 + [True] * 10)
+    small = paired_differences(recs(base), one_flip)["key_fact_accuracy"]
+    big = paired_differences(recs(base), many)["key_fact_accuracy"]
+    assert small["diff"] == pytest.approx(0.02) and small["beyond_noise"] is False and small["flipped"] == 1
+    assert big["diff"] == pytest.approx(0.6) and big["beyond_noise"] is True
+    assert big["a"] == [10, 50] and big["b"] == [40, 50]
+
+
+def test_compare_shows_stage_moves_and_noise(tmp_path: Path, corpus_dir: Path) -> None:
+    def cut_q1(q: dict[str, Any]) -> dict[str, Any]:
+        res = good_ask(q)
+        if q["id"] == "q1":
+            res = with_context(res, [(res["retrieved"][0], "公司在")])
+            res["answer"], res["refused"], res["citations"] = "不知道", True, []
+        return res
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_suite(SUITE, good_ask, a, corpus_dir, {}, console=console())
+    run_suite(SUITE, cut_q1, b, corpus_dir, {}, console=console())
+    con = console()
+    out = compare(a, b, con)
+    assert out["moves"] == {"right->cut": ["q1"]}
+    assert out["paired"]["key_fact_accuracy"]["beyond_noise"] is False
+    text = output(con)
+    assert "right → cut: 1  q1" in text and "beyond noise" in text
+
+
+def test_key_facts_with_a_magnitude_match_across_languages() -> None:
+    from ragqa.evals.metrics import missing_key_facts
+
+    assert missing_key_facts("GPT-4o mini 只有 80 亿参数", ["8 billion"]) == []
+    assert missing_key_facts("only 8 billion parameters", ["80亿"]) == []
+    assert missing_key_facts("1.75 trillion", ["1.75万亿"]) == []
+    assert missing_key_facts("1.5 billion parameters", ["1.5"]) == []  # a bare number matches as written
+    assert missing_key_facts("800 million", ["80亿"]) == ["80亿"]
+    assert missing_key_facts("两三个亿美金", ["两三个亿"]) == []  # 两三 is a range, not 23

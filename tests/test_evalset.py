@@ -1,4 +1,6 @@
-"""Sanity checks for the corpus QA evaluation set (evals/corpus_qa.jsonl).
+"""Sanity checks for the corpus QA evaluation sets: evals/corpus_qa.jsonl (the first 90 questions, which
+mostly reuse their evidence's words) and evals/paraphrase_qa.jsonl (questions asked the way users ask:
+paraphrased, cross-lingual, unanswerable near-misses), and the fixed tune/test split over both.
 
 Pure text checks: no models, no network, runs in well under a second.
 """
@@ -12,8 +14,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = ROOT / "corpus"
 EVAL_FILE = ROOT / "evals" / "corpus_qa.jsonl"
+PARAPHRASE_FILE = ROOT / "evals" / "paraphrase_qa.jsonl"
 
-EXPECTED_KEYS = {"id", "question", "lang", "type", "source", "evidence", "answer", "must_include"}
+EXPECTED_KEYS = {"id", "question", "lang", "type", "source", "evidence", "answer", "must_include", "split"}
+PARAPHRASE_KEYS = EXPECTED_KEYS | {"tags", "note"}
+# A question tagged with one of these asks about an idea without the documents' words for it.
+REWORDED_TAGS = {"paraphrase", "cross_term", "effect", "description"}
+TAGS = REWORDED_TAGS | {"near_duplicate"}
 LANGS = {"zh", "en"}
 TYPES = {"factoid", "numeric", "multi", "summary", "negative"}
 CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
@@ -32,13 +39,15 @@ def corpus():
     return {p.name: p.read_text(encoding="utf-8") for p in files}
 
 
-@pytest.fixture(scope="module")
-def records():
-    assert EVAL_FILE.is_file(), f"eval file missing: {EVAL_FILE}"
+@pytest.fixture(scope="module", params=[EVAL_FILE, PARAPHRASE_FILE], ids=["corpus_qa", "paraphrase_qa"])
+def records(request):
+    """Each suite in turn: the rules below hold for both."""
+    path = request.param
+    assert path.is_file(), f"eval file missing: {path}"
     recs = []
-    with EVAL_FILE.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            assert line.strip(), f"line {lineno}: empty line in {EVAL_FILE.name}"
+            assert line.strip(), f"line {lineno}: empty line in {path.name}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -49,6 +58,21 @@ def records():
     return recs
 
 
+def _read(path):
+    recs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            assert line.strip(), f"line {lineno}: empty line in {path.name}"
+            recs.append((lineno, json.loads(line)))
+    return recs
+
+
+@pytest.fixture(scope="module")
+def paraphrased():
+    assert PARAPHRASE_FILE.is_file(), f"eval file missing: {PARAPHRASE_FILE}"
+    return _read(PARAPHRASE_FILE)
+
+
 def _is_str_list(value):
     return isinstance(value, list) and all(isinstance(x, str) for x in value)
 
@@ -56,8 +80,9 @@ def _is_str_list(value):
 def test_keys_and_types(records):
     for lineno, r in records:
         keys = set(r)
-        assert keys == EXPECTED_KEYS, (
-            f"line {lineno}: keys mismatch; missing={sorted(EXPECTED_KEYS - keys)} extra={sorted(keys - EXPECTED_KEYS)}"
+        expected = PARAPHRASE_KEYS if r["id"].startswith("p") else EXPECTED_KEYS
+        assert keys == expected, (
+            f"line {lineno}: keys mismatch; missing={sorted(expected - keys)} extra={sorted(keys - expected)}"
         )
         for k in ("id", "question", "answer"):
             assert isinstance(r[k], str) and r[k].strip(), f"line {lineno}: {k!r} must be a non-empty string"
@@ -71,8 +96,9 @@ def test_ids_unique_and_sequential(records):
     ids = [r["id"] for _, r in records]
     dupes = [i for i, n in Counter(ids).items() if n > 1]
     assert not dupes, f"duplicate ids: {dupes}"
-    expected = [f"q{i:03d}" for i in range(1, len(ids) + 1)]
-    assert ids == expected, f"ids should be q001..q{len(ids):03d} in order; first mismatch: " + str(
+    prefix = ids[0][0]
+    expected = [f"{prefix}{i:03d}" for i in range(1, len(ids) + 1)]
+    assert ids == expected, f"ids should be {prefix}001..{prefix}{len(ids):03d} in order; first mismatch: " + str(
         next(((a, b) for a, b in zip(ids, expected, strict=False) if a != b), None)
     )
 
@@ -166,3 +192,98 @@ def test_every_corpus_file_is_covered(records, corpus):
     per_file = Counter(s for _, r in records for s in r["source"])
     thin = {name: per_file.get(name, 0) for name in corpus if per_file.get(name, 0) < MIN_QUESTIONS_PER_FILE}
     assert not thin, f"corpus files with fewer than {MIN_QUESTIONS_PER_FILE} questions: {thin}"
+
+
+# --- the paraphrased set: what makes it a test of questions nobody tuned for ------------------------------
+
+_CJK_RUN = re.compile(r"[\u4e00-\u9fff]+")
+
+
+def test_paraphrase_set_counts(paraphrased):
+    recs = [r for _, r in paraphrased]
+    types = Counter(r["type"] for r in recs)
+    langs = Counter(r["lang"] for r in recs)
+    assert len(recs) >= 120, len(recs)
+    assert langs["en"] >= 45, langs
+    assert types["negative"] >= 20 and types["multi"] >= 15 and types["summary"] >= 15, types
+    old = {json.loads(line)["question"] for line in EVAL_FILE.read_text(encoding="utf-8").splitlines()}
+    assert not [r["id"] for r in recs if r["question"] in old], "questions repeated from corpus_qa.jsonl"
+
+
+def test_paraphrase_set_tags(paraphrased):
+    recs = [r for _, r in paraphrased]
+    for r in recs:
+        assert set(r["tags"]) <= TAGS, f"{r['id']}: unknown tags {set(r['tags']) - TAGS}"
+    answerable = [r for r in recs if r["type"] != "negative"]
+    reworded = [r for r in answerable if set(r["tags"]) & REWORDED_TAGS]
+    assert 2 * len(reworded) >= len(answerable), f"{len(reworded)}/{len(answerable)} reworded"
+    assert sum("near_duplicate" in r["tags"] for r in recs) >= 10
+    for r in recs:
+        if r["type"] == "negative":
+            assert r["note"].strip(), f"{r['id']}: a negative question says what was searched to confirm absence"
+
+
+def test_reworded_questions_do_not_quote_their_evidence(paraphrased):
+    """A question tagged as reworded shares no run of 5+ Chinese characters with its evidence: users do
+    not quote the documents they ask about."""
+    problems = []
+    for _, r in paraphrased:
+        if not set(r["tags"]) & REWORDED_TAGS:
+            continue
+        for run in _CJK_RUN.findall(r["question"]):
+            for i in range(len(run) - 4):
+                if any(run[i : i + 5] in ev for ev in r["evidence"]):
+                    problems.append(f"{r['id']}: {run[i : i + 5]!r}")
+                    break
+    assert not problems, problems
+
+
+def test_paraphrase_evidence_spans_each_file(paraphrased, corpus):
+    """Questions cover each file's whole length, not its first pages: evidence in every quarter."""
+    quarters = {name: Counter() for name in corpus}
+    for _, r in paraphrased:
+        for ev in r["evidence"]:
+            for s in r["source"]:
+                pos = corpus[s].find(ev)
+                if pos >= 0:
+                    quarters[s][min(3, 4 * pos // len(corpus[s]))] += 1
+    thin = {name: dict(q) for name, q in quarters.items() if any(q[i] < 3 for i in range(4))}
+    assert not thin, f"files with a quarter holding fewer than 3 evidence quotes: {thin}"
+
+
+# --- the split --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def both():
+    return {p.name: [r for _, r in _read(p)] for p in (EVAL_FILE, PARAPHRASE_FILE)}
+
+
+def test_split_is_balanced(both):
+    recs = [r for rs in both.values() for r in rs]
+    assert all(r["split"] in ("tune", "test") for r in recs)
+    share = sum(r["split"] == "test" for r in recs) / len(recs)
+    assert 0.37 <= share <= 0.43, share
+    groups = {}
+    for name, rs in both.items():
+        for r in rs:
+            for key in (("suite", name), ("lang", r["lang"]), ("type", r["type"]), ("lang+type", r["lang"], r["type"])):
+                groups.setdefault(key, []).append(r["split"] == "test")
+    off = {k: f"{sum(v)}/{len(v)}" for k, v in groups.items() if len(v) >= 8 and not 0.3 <= sum(v) / len(v) <= 0.5}
+    assert not off, f"strata whose test share is outside 0.3-0.5: {off}"
+
+
+def test_split_is_fixed(both):
+    """Re-running the split script on the files as they are changes nothing: the split is assigned once."""
+    import copy
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evals_split", ROOT / "evals" / "split.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    again = copy.deepcopy(both)
+    module.assign(again)
+    assert again == both
+    fresh = {name: [{k: v for k, v in r.items() if k != "split"} for r in rs] for name, rs in both.items()}
+    module.assign(fresh)
+    assert fresh == both, "the split is not what evals/split.py draws from the ids"

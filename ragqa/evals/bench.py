@@ -322,7 +322,7 @@ def _bench_generation(ctx: BenchContext, qa: Any, question: str | None) -> dict[
         # LangChain's message conversion and streaming all stay in, as ragqa overhead.
         ttft = t["ttft_ms"] - t["retrieve_ms"] if t["ttft_ms"] is not None else None
         text = "".join(timed.pieces)
-        return _side(text, n_tokens(text), ttft, timed.times, n_passages=len(answer.retrieved))
+        return _side(text, n_tokens(text), ttft, timed.times, n_passages=len(answer.context))
 
     messages: list[dict[str, str]] = []
 

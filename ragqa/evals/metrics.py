@@ -22,6 +22,7 @@ LANG_ORDER = ("zh", "en")
 
 RATE_METRICS = (
     "evidence_recall@k",
+    "evidence_in_prompt",
     "hit@k",
     "mrr",
     "key_fact_accuracy",
@@ -150,17 +151,149 @@ def covers_any(chunk: Span | None, quotes: Iterable[Span | None]) -> bool:
 _THOUSANDS = re.compile("(?<=\\d)[,\uff0c](?=\\d)")  # ASCII or full-width comma
 _SPACE = re.compile(r"\s+")
 
+# Chinese numerals, so that a must_include "4" matches an answer's "第四次" and "90%" matches "百分之九十".
+_CN_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+_CN_UNITS = {"十": 10, "百": 100, "千": 1000}
+_CN_NUMERAL = re.compile("[零〇一二两三四五六七八九十百千]+")
+# A lone 一 is a word as often as a number (一种, 统一, 一起): it becomes 1 only as an ordinal or before a
+# measure word, so a must_include "1" does not match every sentence with 一 in it.
+_LONE_ONE_CONTEXT = re.compile("第一|一(?=[个次种项年月日位名倍代轮层条款点章节部])")
+_PERCENT_CN = re.compile("\x00(\\d+(?:\\.\\d+)?)")  # \x00 stands for 百分之 meanwhile
+_PERCENT_WORD = re.compile(r"(?<=\d)(?:percent|per cent|pct)")
+# Spellings of one unit; applied after spaces are removed and text is case-folded.
+_UNIT_SPELLINGS = (
+    ("千兆字节", "gb"), ("吉字节", "gb"), ("gigabytes", "gb"), ("gigabyte", "gb"),
+    ("兆字节", "mb"), ("megabytes", "mb"), ("megabyte", "mb"),
+    ("terabytes", "tb"), ("terabyte", "tb"),
+    ("千瓦时", "kwh"), ("兆瓦", "mw"), ("千瓦", "kw"),
+)
+
+
+# English number words as digits ("eight months" = "8 months"); "one" stays a word (the one, one of).
+_EN_NUMBERS = {
+    w: str(i)
+    for i, w in enumerate(
+        "zero _ two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty".split()
+    )
+    if w != "_"
+}
+_EN_NUMBERS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
+                    "ninety": "90", "hundred": "100"})
+_EN_NUMBER = re.compile(r"\b(" + "|".join(_EN_NUMBERS) + r")\b")
+_EN_COMPOUND = re.compile(r"\b(twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety)[- ](one|two|three|four|five|six|"
+                          r"seven|eight|nine)\b")
+
+
+def _english_numbers(text: str) -> str:
+    text = _EN_COMPOUND.sub(lambda m: str(int(_EN_NUMBERS[m.group(1)]) + ("one two three four five six seven eight "
+                                          "nine".split().index(m.group(2)) + 1)), text)
+    return _EN_NUMBER.sub(lambda m: _EN_NUMBERS[m.group(1)], text)
+
+
+def chinese_numeral_value(numeral: str) -> int | None:
+    """Value of a Chinese numeral below 10,000 (四 4, 十二 12, 二十 20, 一百零五 105, 两千 2000), else None.
+
+    Digit-by-digit forms (二〇二四 for 2024) read as digits. Two digits side by side are a range, not a
+    number (两三个 is "two or three"), and runs that are not a well-formed number (二二十) give None: both
+    are left as they are.
+    """
+    if not numeral:
+        return None
+    if all(c in _CN_DIGITS for c in numeral):
+        if len(numeral) == 1:
+            return _CN_DIGITS[numeral]
+        if len(numeral) == 2 and not set(numeral) & {"零", "〇"}:
+            return None
+        return int("".join(str(_CN_DIGITS[c]) for c in numeral))
+    total, digit, last_unit = 0, None, 10_000
+    for c in numeral:
+        if c in _CN_DIGITS:
+            if digit is not None and _CN_DIGITS[c] != 0:
+                return None
+            digit = _CN_DIGITS[c] or None
+        else:
+            unit = _CN_UNITS[c]
+            if unit >= last_unit:
+                return None
+            total += (1 if digit is None else digit) * unit
+            digit, last_unit = None, unit
+    return total + (digit or 0)
+
+
+def _arabic(match: re.Match[str]) -> str:
+    run = match.group(0)
+    value = chinese_numeral_value(run)
+    return run if value is None else str(value)
+
+
+def chinese_numerals_to_digits(text: str) -> str:
+    """Chinese numerals written as Arabic digits (第四次 -> 第4次, 十二 -> 12); a lone 一 only as an ordinal
+    or before a measure word (see _LONE_ONE_CONTEXT)."""
+    out, pos = [], 0
+    for m in _CN_NUMERAL.finditer(text):
+        run = m.group(0)
+        out.append(text[pos : m.start()])
+        if run == "一" and not _LONE_ONE_CONTEXT.match(text, max(0, m.start() - 1)) and not _LONE_ONE_CONTEXT.match(
+            text, m.start()
+        ):
+            out.append(run)
+        else:
+            out.append(_arabic(m))
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
 
 def normalize_text(text: str) -> str:
-    """Canonical form for key-fact matching, so "1,000", "1000" and full-width digits are the same fact."""
+    """Canonical form for key-fact matching, so that the same fact written differently is one string:
+    "1,000" = "1000", full-width = half-width, "8 GB" = "8GB" = "8 千兆字节", "第四次" = "第4次",
+    "两" = "2", "eight" = "8", "百分之九十" = "90%" = "90 percent"."""
     text = unicodedata.normalize("NFKC", text).casefold()
+    text = _english_numbers(text)  # before spaces go: words need their bounds
     text = _SPACE.sub("", text)
-    return _THOUSANDS.sub("", text)
+    text = _THOUSANDS.sub("", text)
+    for spelling, unit in _UNIT_SPELLINGS:  # first: 千兆字节 holds a numeral
+        text = text.replace(spelling, unit)
+    text = chinese_numerals_to_digits(text.replace("百分之", "\x00"))
+    text = _PERCENT_CN.sub(r"\1%", text)
+    text = _PERCENT_WORD.sub("%", text)
+    return text.replace("\x00", "百分之")
+
+
+_MAGNITUDE = re.compile(r"(\d+(?:\.\d+)?)(万亿|亿|万|trillion|billion|million|thousand)")
+_MAGNITUDES = {"万亿": 10**12, "亿": 10**8, "万": 10**4, "trillion": 10**12, "billion": 10**9, "million": 10**6,
+               "thousand": 10**3}
+
+
+def expand_magnitudes(normalized: str) -> str:
+    """Numbers with a magnitude word written out in digits, so that 80亿 = 8 billion = 8000000000."""
+    from decimal import Decimal
+
+    def whole(m: re.Match[str]) -> str:
+        value = Decimal(m.group(1)) * _MAGNITUDES[m.group(2)]
+        return format(value.normalize(), "f") if value == value.to_integral() else m.group(0)
+
+    return _MAGNITUDE.sub(whole, normalized)
 
 
 def missing_key_facts(answer: str, must_include: Sequence[str]) -> list[str]:
+    """Key facts the answer lacks. A key fact with a magnitude (80亿, 8 billion) also matches the same
+    value in the other language's magnitude; one without (1.5) matches as written, so that "1.5" is
+    still found in "1.5 billion"."""
     norm = normalize_text(answer)
-    return [k for k in must_include if normalize_text(k) not in norm]
+    expanded = None
+    missing = []
+    for k in must_include:
+        key = normalize_text(k)
+        if key in norm:
+            continue
+        if _MAGNITUDE.search(key):
+            expanded = expanded if expanded is not None else expand_magnitudes(norm)
+            if expand_magnitudes(key) in expanded:
+                continue
+        missing.append(k)
+    return missing
 
 
 # [n], [n, m], [n-m] and CJK forms (lenticular brackets, full-width comma, ideographic comma);
@@ -180,7 +313,7 @@ def invalid_citations(result: dict[str, Any]) -> list[int | str]:
     Markers in the answer text are checked as well as the citations list, because a model can print
     "[7]" when only five chunks were given and the pipeline may silently drop it from the list.
     """
-    retrieved = result.get("retrieved") or []
+    retrieved = prompt_passages(result)
     bad: list[int | str] = []
     for n in citation_markers(result.get("answer") or ""):
         if not 1 <= n <= len(retrieved) and n not in bad:
@@ -198,11 +331,90 @@ def invalid_citations(result: dict[str, Any]) -> list[int | str]:
     return bad
 
 
+def prompt_passages(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The passages the model saw, numbered as its citations are: `context` in results written since
+    `retrieved` became what retrieval found; before that, `retrieved` with each passage's focused text."""
+    if isinstance(result.get("context"), list):
+        return result["context"]
+    return [{**r, "text": r.get("context") or r.get("text") or ""} for r in result.get("retrieved") or []]
+
+
+def quote_in_passage(quote: Span | None, passage: dict[str, Any], corpus: CorpusTexts) -> bool:
+    """Whether the model saw a quote: the passage covers it (see `covers`) and the part of the quote inside
+    the passage's chunk still stands in the text given to the model, which focus may have cut to a few
+    sentences. Compared without whitespace, since focus strips the sentences it joins."""
+    span = chunk_span(passage)
+    if quote is None or not covers(span, quote):
+        return False
+    text = corpus.text(quote.source)
+    if text is None:
+        return False
+    part = text[max(quote.start, span.start) : min(quote.end, span.end)]
+    shown = str(passage.get("text") or "")
+    return _SPACE.sub("", part) in _SPACE.sub("", shown)
+
+
 def _num(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+# Where a question was lost, in the order the pipeline loses it. A right answer is "right" wherever
+# retrieval stood (the key facts can stand in a passage the gold quotes do not name).
+FUNNEL_ANSWERABLE = ("not_retrieved", "cut", "refused", "incomplete", "right")
+FUNNEL_NEGATIVE = ("refused", "answered")
+FUNNEL_LABELS = {
+    "not_retrieved": "not retrieved",
+    "cut": "cut before the prompt",
+    "refused": "refused",
+    "incomplete": "answered without all key facts",
+    "right": "right",
+    "answered": "answered (should refuse)",
+    "prompt": "evidence in the prompt (no answer asked)",
+    "error": "error",
+}
+
+
+def funnel_stage(
+    answerable: bool,
+    retrieved: bool,
+    in_prompt: bool | None,
+    refused: bool | None,
+    key_facts_ok: bool | None,
+    error: str | None = None,
+    retrieval_only: bool = False,
+) -> str:
+    """The stage of FUNNEL_ANSWERABLE / FUNNEL_NEGATIVE a question ended in ("error" when it failed)."""
+    if error:
+        return "error"
+    if not answerable:
+        if retrieval_only or refused is None:
+            return "not_run"
+        return "refused" if refused else "answered"
+    if retrieval_only:
+        return "right" if retrieved else "not_retrieved"
+    if key_facts_ok and not refused:
+        return "right"
+    if not retrieved:
+        return "not_retrieved"
+    if in_prompt is False:
+        return "cut"
+    if refused is None:
+        return "prompt"  # a context-only run: the passages were fitted, no answer was asked for
+    return "refused" if refused else "incomplete"
+
+
+def wilson_interval(k: float, n: float, z: float = 1.96) -> tuple[float, float] | None:
+    """95% Wilson score interval of a rate k/n: unlike the normal approximation it stays inside [0, 1]
+    and is honest at the small counts of a per-language or per-type group."""
+    if not n:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def score_question(
@@ -224,6 +436,8 @@ def score_question(
     spans = [chunk_span(c) for c in retrieved]
 
     covered = [any(covers(s, q) for s in spans) for q in quotes]
+    passages = prompt_passages(result)
+    seen = [any(quote_in_passage(q, p, corpus) for p in passages) for q in quotes]
     covering_ranks = [i + 1 for i, s in enumerate(spans) if covers_any(s, located)]
     has_evidence = answerable and bool(quotes)
 
@@ -243,7 +457,10 @@ def score_question(
     }
     support: bool | None = None
     if answerable and answer is not None and not refused and located:
-        support = any(n - 1 < len(spans) and covers_any(spans[n - 1], located) for n in cited)
+        shown = [chunk_span(p) for p in passages]
+        support = any(n - 1 < len(shown) and covers_any(shown[n - 1], located) for n in cited)
+    in_prompt = all(seen) if has_evidence and not retrieval_only else None
+    key_facts_ok = (not missing) if answered and answerable else None
 
     timings = result.get("timings") or {}
     ttft, total = _num(timings.get("ttft_ms")), _num(timings.get("total_ms"))
@@ -263,19 +480,24 @@ def score_question(
                 "end": s.end if s else None,
                 "found": s is not None,
                 "retrieved": hit,
+                "in_prompt": saw if not retrieval_only else None,
             }
-            for text, s, hit in zip(question.get("evidence") or [], quotes, covered, strict=False)
+            for text, s, hit, saw in zip(question.get("evidence") or [], quotes, covered, seen, strict=False)
         ],
         "n_quotes": len(quotes),
         "quotes_covered": sum(covered),
+        "quotes_in_prompt": sum(seen) if not retrieval_only else None,
         "hit": all(covered) if has_evidence else None,
+        "in_prompt": in_prompt,
         "rr": (1 / covering_ranks[0] if covering_ranks else 0.0) if has_evidence else None,
         "covering_ranks": covering_ranks,
         "n_keys": len(must),
         "keys_found": len(must) - len(missing),
         "missing_keys": missing,
-        "key_facts_ok": (not missing) if answered and answerable else None,
+        "key_facts_ok": key_facts_ok,
         "refused": refused,
+        "stage": funnel_stage(answerable, has_evidence and all(covered), in_prompt, refused, key_facts_ok,
+                              error, retrieval_only),
         "citation_valid": (not bad_cits) if answer is not None else None,
         "invalid_citations": bad_cits,
         "citation_support": support,
@@ -346,39 +568,67 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 def aggregate(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Metrics over a group of per-question scores; None wherever the denominator is empty."""
+    """Metrics over a group of per-question scores; None wherever the denominator is empty.
+
+    Each rate also has its count (`counts`: [k, n]) and a 95% Wilson interval (`ci95`), because with
+    greedy decoding one answer flips on a tiny change: 0.62 means little without 31/50 beside it.
+    """
     ans = [s for s in scores if s["answerable"]]
     neg = [s for s in scores if not s["answerable"]]
     with_quotes = [s for s in ans if s["n_quotes"]]
     judged = [s for s in ans if s["key_facts_ok"] is not None]
+    prompted = [s for s in with_quotes if s.get("quotes_in_prompt") is not None]
 
-    def flags(group: Iterable[dict[str, Any]], key: str) -> list[float]:
-        return [float(bool(s[key])) for s in group if s.get(key) is not None]
+    def flags(group: Iterable[dict[str, Any]], key: str) -> tuple[float, int]:
+        got = [bool(s[key]) for s in group if s.get(key) is not None]
+        return float(sum(got)), len(got)
 
     def values(key: str) -> list[float]:
         return [s[key] for s in scores if s.get(key) is not None]
 
+    counts: dict[str, tuple[float, int]] = {
+        "evidence_recall@k": (
+            float(sum(s["quotes_covered"] for s in with_quotes)), sum(s["n_quotes"] for s in with_quotes)
+        ),
+        "evidence_in_prompt": (
+            float(sum(s["quotes_in_prompt"] for s in prompted)), sum(s["n_quotes"] for s in prompted)
+        ),
+        "hit@k": flags(ans, "hit"),
+        "key_fact_accuracy": flags(judged, "key_facts_ok"),
+        "key_fact_recall": (float(sum(s["keys_found"] for s in judged)), sum(s["n_keys"] for s in judged)),
+        "negative_rejection": flags(neg, "refused"),
+        "false_refusal": flags(ans, "refused"),
+        "citation_validity": flags(scores, "citation_valid"),
+        "citation_support": flags(ans, "citation_support"),
+    }
     latency: dict[str, Any] = {
         part: {"p50": percentile(values(part), 50), "p95": percentile(values(part), 95)}
         for part in LATENCY_PARTS
     }
     latency["gen_tok_s"] = _mean(values("gen_tok_s"))
-    return {
-        "n": len(scores),
-        "evidence_recall@k": _ratio(
-            sum(s["quotes_covered"] for s in with_quotes), sum(s["n_quotes"] for s in with_quotes)
-        ),
-        "hit@k": _mean(flags(ans, "hit")),
-        "mrr": _mean([s["rr"] for s in ans if s["rr"] is not None]),
-        "key_fact_accuracy": _mean(flags(judged, "key_facts_ok")),
-        "key_fact_recall": _ratio(sum(s["keys_found"] for s in judged), sum(s["n_keys"] for s in judged)),
-        "negative_rejection": _mean(flags(neg, "refused")),
-        "false_refusal": _mean(flags(ans, "refused")),
-        "citation_validity": _mean(flags(scores, "citation_valid")),
-        "citation_support": _mean(flags(ans, "citation_support")),
-        "latency": latency,
-        "prompt_tokens": _mean(values("prompt_tokens")),
-    }
+    out: dict[str, Any] = {"n": len(scores)}
+    for key in RATE_METRICS:
+        if key == "mrr":
+            out[key] = _mean([s["rr"] for s in ans if s["rr"] is not None])
+        else:
+            out[key] = _ratio(*counts[key])
+    out["latency"] = latency
+    out["prompt_tokens"] = _mean(values("prompt_tokens"))
+    out["counts"] = {key: [int(k), n] for key, (k, n) in counts.items()}
+    out["ci95"] = {key: wilson_interval(k, n) for key, (k, n) in counts.items()}
+    out["funnel"] = funnel_counts(scores)
+    return out
+
+
+def funnel_counts(scores: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """How many questions ended in each stage, answerable and unanswerable apart, stages in order."""
+    answerable = {stage: 0 for stage in FUNNEL_ANSWERABLE}
+    negative = {stage: 0 for stage in FUNNEL_NEGATIVE}
+    for s in scores:
+        stage = s.get("stage") or "error"
+        group = answerable if s["answerable"] else negative
+        group[stage] = group.get(stage, 0) + 1
+    return {"answerable": answerable, "negative": negative}
 
 
 def _ordered(keys: Iterable[str], preferred: Sequence[str]) -> list[str]:

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ragqa.evals.metrics import (
+    FUNNEL_ANSWERABLE,
+    FUNNEL_LABELS,
+    FUNNEL_NEGATIVE,
     LATENCY_PARTS,
     RATE_METRICS,
     Span,
@@ -26,6 +29,7 @@ REPORT_FILE = "report.html"
 
 RATE_LABELS = {
     "evidence_recall@k": "evidence recall@k",
+    "evidence_in_prompt": "evidence in prompt",
     "hit@k": "hit@k",
     "mrr": "MRR",
     "key_fact_accuracy": "key-fact accuracy",
@@ -68,16 +72,25 @@ def summary_columns(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
     return cols
 
 
-def _row_values(group: dict[str, Any]) -> list[tuple[str, Any]]:
+def _row_values(group: dict[str, Any]) -> list[tuple[str, Any, list[int] | None]]:
+    """(label, value, [k, n] or None) rows of one metric group."""
     lat = group.get("latency") or {}
-    rows: list[tuple[str, Any]] = [("n", group.get("n"))]
-    rows += [(k, group.get(k)) for k in RATE_METRICS]
+    counts = group.get("counts") or {}
+    rows: list[tuple[str, Any, list[int] | None]] = [("n", group.get("n"), None)]
+    rows += [(k, group.get(k), counts.get(k)) for k in RATE_METRICS]
     for part in LATENCY_PARTS:
         for p in ("p50", "p95"):
-            rows.append((f"{part} {p}", (lat.get(part) or {}).get(p)))
-    rows.append(("gen tok/s", lat.get("gen_tok_s")))
-    rows.append(("prompt tokens", group.get("prompt_tokens")))
+            rows.append((f"{part} {p}", (lat.get(part) or {}).get(p), None))
+    rows.append(("gen tok/s", lat.get("gen_tok_s"), None))
+    rows.append(("prompt tokens", group.get("prompt_tokens"), None))
     return rows
+
+
+def format_rate(value: Any, count: Sequence[int] | None) -> str:
+    """A rate with its count, "0.620 31/50", so that no rate is read without its denominator."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "—"
+    return f"{value:.3f} {count[0]}/{count[1]}" if count else f"{value:.3f}"
 
 
 def summary_rows(
@@ -85,8 +98,43 @@ def summary_rows(
 ) -> list[tuple[str, list[str]]]:
     """Formatted metric rows (one cell per column); None becomes "—" so "no data" never reads as 0."""
     per_col = [_row_values(group) for _label, group in columns]
-    labels = [label for label, _v in _row_values({})]
-    return [(label, [format_value(label, col[i][1]) for col in per_col]) for i, label in enumerate(labels)]
+    labels = [label for label, _v, _c in _row_values({})]
+    rows = []
+    for i, label in enumerate(labels):
+        cells = []
+        for col in per_col:
+            _label, value, count = col[i]
+            rate = label in RATE_METRICS and label != "mrr"
+            cells.append(format_rate(value, count) if rate else format_value(label, value))
+        rows.append((label, cells))
+    return rows
+
+
+def interval_rows(group: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, "0.620 31/50", "0.482-0.741") for every counted rate of one group."""
+    counts, ci = group.get("counts") or {}, group.get("ci95") or {}
+    rows = []
+    for key in RATE_METRICS:
+        if key not in counts or not counts[key][1]:
+            continue
+        lo_hi = ci.get(key)
+        rows.append((key, format_rate(group.get(key), counts[key]), f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}" if lo_hi else "—"))
+    return rows
+
+
+def funnel_rows(summary: dict[str, Any], columns: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, list[str]]]:
+    """Funnel stages as rows, a cell per column: where the answerable and the unanswerable questions ended."""
+    rows = []
+    for kind, stages, prefix in (("answerable", FUNNEL_ANSWERABLE, ""), ("negative", FUNNEL_NEGATIVE, "unanswerable: ")):
+        extra = sorted({st for _l, g in columns for st in ((g.get("funnel") or {}).get(kind) or {})} - set(stages))
+        for stage in (*stages, *extra):
+            cells = []
+            for _label, group in columns:
+                funnel = (group.get("funnel") or {}).get(kind) or {}
+                total = sum(funnel.values())
+                cells.append(f"{funnel.get(stage, 0)}/{total}" if total else "—")
+            rows.append((prefix + FUNNEL_LABELS.get(stage, stage), cells))
+    return rows
 
 
 # --- SVG charts -------------------------------------------------------------------------------------
@@ -158,6 +206,89 @@ def bar_chart(title: str, groups: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return (
         f'<figure><figcaption>{_e(title)}</figcaption><div class="legend">{legend}</div>'
         f"{''.join(parts)}</figure>"
+    )
+
+
+FUNNEL_STEPS = (
+    ("answerable questions", ()),
+    ("evidence retrieved", ("not_retrieved",)),
+    ("evidence in the prompt", ("not_retrieved", "cut")),
+    ("answered (not refused)", ("not_retrieved", "cut", "refused")),
+    ("right (all key facts)", ("not_retrieved", "cut", "refused", "incomplete")),
+)
+
+
+def funnel_survivors(funnel: dict[str, int]) -> list[int]:
+    """How many answerable questions were still alive after each of FUNNEL_STEPS."""
+    total = sum(funnel.values())
+    return [total - sum(funnel.get(stage, 0) for stage in lost) for _label, lost in FUNNEL_STEPS]
+
+
+def funnel_chart(groups: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Where answerable questions were lost: per step, the share still alive, one bar per group, and the
+    unanswerable questions refused below. Shares, not counts, so English (fewer questions) compares with
+    Chinese at a glance; every bar's title and label give the count."""
+    groups = [(name, g) for name, g in groups if sum(((g.get("funnel") or {}).get("answerable") or {}).values())]
+    if not groups:
+        return ""
+    steps = [label for label, _lost in FUNNEL_STEPS] + ["unanswerable: refused"]
+    width, left, right, top, row_gap = 1000, 200, 70, 10, 10
+    bar_h = 14
+    row_h = bar_h * len(groups) + row_gap
+    height = top + row_h * len(steps) + 10
+    plot_w = width - left - right
+    parts = [_svg_open(width, height, "Where the questions were lost")]
+    for i, step in enumerate(steps):
+        y0 = top + i * row_h
+        parts.append(f'<text x="{left - 8}" y="{y0 + row_h / 2:.1f}" class="label" text-anchor="end">{_e(step)}</text>')
+        for j, (name, group) in enumerate(groups):
+            funnel = group.get("funnel") or {}
+            if i < len(FUNNEL_STEPS):
+                alive = funnel_survivors(funnel.get("answerable") or {})
+                k, n = alive[i], alive[0]
+            else:
+                neg = funnel.get("negative") or {}
+                k, n = neg.get("refused", 0), sum(neg.values())
+            y = y0 + j * bar_h
+            if not n:
+                parts.append(f'<text x="{left + 4}" y="{y + bar_h - 3}" class="na">n/a</text>')
+                continue
+            w = plot_w * k / n
+            parts.append(
+                f'<rect x="{left}" y="{y:.1f}" width="{max(w, 0.5):.1f}" height="{bar_h - 2}" '
+                f'fill="{PALETTE[j % len(PALETTE)]}" rx="2"><title>{_e(name)} · {_e(step)}: {k}/{n}</title></rect>'
+                f'<text x="{left + w + 4:.1f}" y="{y + bar_h - 4}" class="tick">{k}/{n}</text>'
+            )
+    parts.append("</svg>")
+    legend = "".join(
+        f'<span class="legend-item"><span class="swatch" style="background:{PALETTE[j % len(PALETTE)]}"></span>'
+        f"{_e(name)}</span>"
+        for j, (name, _g) in enumerate(groups)
+    )
+    return (
+        '<figure><figcaption>Where the questions were lost (answerable: share still on the way after each '
+        f'step)</figcaption><div class="legend">{legend}</div>{"".join(parts)}</figure>'
+    )
+
+
+def _funnel_table(summary: dict[str, Any]) -> str:
+    columns = summary_columns(summary)
+    head = "".join(f"<th>{_e(label)}</th>" for label, _g in columns)
+    body = "".join(
+        f"<tr><td>{_e(label)}</td>{''.join(f'<td>{_e(c)}</td>' for c in cells)}</tr>"
+        for label, cells in funnel_rows(summary, columns)
+    )
+    return f'<table class="metrics"><thead><tr><th>stage</th>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _interval_table(summary: dict[str, Any]) -> str:
+    body = "".join(
+        f"<tr><td>{_e(RATE_LABELS.get(k, k))}</td><td>{_e(rate)}</td><td>{_e(ci)}</td></tr>"
+        for k, rate, ci in interval_rows(summary.get("overall") or {})
+    )
+    return (
+        '<table class="metrics"><thead><tr><th>metric</th><th>rate k/n</th><th>95% interval (Wilson)</th></tr>'
+        f"</thead><tbody>{body}</tbody></table>"
     )
 
 
@@ -494,12 +625,14 @@ def _question_table(records: Sequence[dict[str, Any]]) -> str:
         rows.append(
             f'<tr><td><span class="qid">{_e(r.get("id", "?"))}</span></td><td>{_e(r.get("lang", ""))}</td>'
             f'<td>{_e(r.get("type", ""))}</td><td title="{_e(r.get("question", ""))}">'
-            f"{_e(r.get('question', ''))}</td><td>{verdict}</td><td>{hit}</td><td>{rr}</td><td>{keys}</td>"
+            f"{_e(r.get('question', ''))}</td><td>{verdict}</td>"
+            f"<td>{_e(FUNNEL_LABELS.get(s.get('stage') or '', s.get('stage') or '—'))}</td>"
+            f"<td>{hit}</td><td>{rr}</td><td>{keys}</td>"
             f"<td>{total}</td></tr>"
         )
     return (
         '<table class="qtable"><thead><tr><th>id</th><th>lang</th><th>type</th><th>question</th>'
-        "<th>verdict</th>"
+        "<th>verdict</th><th>stage</th>"
         "<th>hit</th><th>RR</th><th>key facts</th><th>total ms</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
@@ -535,6 +668,12 @@ generated {generated}</div>
 {_cards(summary)}
 <h2 id="metrics">Metrics</h2>
 {_metric_table(summary)}
+<h2 id="funnel">Where each question was lost</h2>
+{funnel_chart([("overall", summary.get("overall") or {}), *lang_groups])}
+{_funnel_table(summary)}
+<p class="muted">A right answer counts as right wherever retrieval stood; the other answerable questions end
+at the first stage that lost them. Intervals are 95% Wilson intervals of each rate.</p>
+{_interval_table(summary)}
 <h2 id="charts">By language and type</h2>
 {bar_chart("Rates by language", lang_groups)}
 {bar_chart("Rates by question type", type_groups)}

@@ -7,6 +7,7 @@ loop serves full runs, retrieval-only runs and tests with a fake pipeline.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,12 +36,21 @@ from ragqa.evals.metrics import (
     score_question,
     summarize,
 )
-from ragqa.evals.report import format_value, summary_columns, summary_rows, write_report
+from ragqa.evals.report import (
+    format_value,
+    funnel_rows,
+    interval_rows,
+    summary_columns,
+    summary_rows,
+    write_report,
+)
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 
 _LIST_FIELDS = ("source", "evidence", "must_include")
+# Defaults are tuned on "tune" only; every figure ragqa claims is "test"'s (evals/split.py assigned them once).
+SPLITS = ("tune", "test")
 
 
 class EvalFileError(RagqaError):
@@ -69,15 +79,46 @@ def _check_question(obj: Any, where: str, seen: dict[str, str]) -> dict[str, Any
         raise EvalFileError(f"{where}: field 'answer' must be a string")
     if obj["type"] != "negative" and obj["evidence"] and not obj["source"]:
         raise EvalFileError(f"{where}: evidence is given but 'source' is empty")
+    if "split" in obj and obj["split"] not in SPLITS:
+        raise EvalFileError(f"{where}: field 'split' is {obj['split']!r}, expected one of {', '.join(SPLITS)}")
     if obj["id"] in seen:
         raise EvalFileError(f"{where}: duplicate id {obj['id']!r} (first at {seen[obj['id']]})")
     seen[obj["id"]] = where
     return obj
 
 
-def load_suite(path: Path | str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Questions of a JSONL eval file, validated up front so a bad line fails before any model runs."""
-    path = Path(path)
+def load_suite(
+    path: Path | str | Sequence[Path | str], limit: int | None = None, split: str | None = None
+) -> list[dict[str, Any]]:
+    """Questions of one or more JSONL eval files, validated up front so a bad line fails before any model
+    runs; `split` ("tune", "test", or None/"all" for every question) keeps that part of the suite."""
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    if not paths:
+        raise EvalFileError("no eval file given")
+    if split not in (None, "all", *SPLITS):
+        raise EvalFileError(f"--split is {split!r}, expected one of {', '.join((*SPLITS, 'all'))}")
+    questions: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for one in paths:
+        questions += _read_suite(one, seen)
+    if split in SPLITS:
+        unsplit = [q["id"] for q in questions if "split" not in q]
+        if unsplit:
+            raise EvalFileError(
+                f"--split {split}: {len(unsplit)} questions record no split (first: {unsplit[0]}); "
+                "run evals/split.py or use --split all"
+            )
+        questions = [q for q in questions if q["split"] == split]
+        if not questions:
+            raise EvalFileError(f"no questions of split {split!r} in {', '.join(map(str, paths))}")
+    if limit is not None:
+        if limit < 1:
+            raise EvalFileError(f"--limit must be at least 1, got {limit}")
+        questions = questions[:limit]
+    return questions
+
+
+def _read_suite(path: Path, seen: dict[str, str]) -> list[dict[str, Any]]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -88,7 +129,6 @@ def load_suite(path: Path | str, limit: int | None = None) -> list[dict[str, Any
         line = raw[: exc.start].count(b"\n") + 1
         raise EvalFileError(f"{path}:{line}: not valid UTF-8") from exc
     questions: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -100,10 +140,6 @@ def load_suite(path: Path | str, limit: int | None = None) -> list[dict[str, Any
         questions.append(_check_question(obj, where, seen))
     if not questions:
         raise EvalFileError(f"{path}: no questions in eval file")
-    if limit is not None:
-        if limit < 1:
-            raise EvalFileError(f"--limit must be at least 1, got {limit}")
-        questions = questions[:limit]
     return questions
 
 
@@ -115,6 +151,7 @@ def _error_result(question: dict[str, Any], message: str) -> dict[str, Any]:
         "refused": None,
         "citations": [],
         "retrieved": [],
+        "context": [],
         "model": None,
         "timings": {
             "retrieve_ms": None,
@@ -142,6 +179,8 @@ def make_record(
         "id": question["id"],
         "lang": question["lang"],
         "type": question["type"],
+        "split": question.get("split"),
+        "tags": question.get("tags") or [],
         "gold": {k: question.get(k) for k in ("answer", "source", "evidence", "must_include")},
         "scores": scores,
         "correct": correct,
@@ -269,6 +308,19 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     for label, cells in summary_rows(summary, columns):
         table.add_row(label, *cells)
     console.print(table)
+    funnel = Table(title="where each question ended (funnel)", title_style="bold")
+    funnel.add_column("stage", style="bold")
+    for label, _group in columns:
+        funnel.add_column(label, justify="right")
+    for label, cells in funnel_rows(summary, columns):
+        funnel.add_row(label, *cells)
+    console.print(funnel)
+    overall = Table(title="overall, with 95% intervals (Wilson)", title_style="bold")
+    for col in ("metric", "rate k/n", "95% interval"):
+        overall.add_column(col, style="bold" if col == "metric" else None, justify="left" if col == "metric" else "right")
+    for row in interval_rows(summary.get("overall") or {}):
+        overall.add_row(*row)
+    console.print(overall)
 
 
 def _load_run(run_dir: Path | str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -394,6 +446,23 @@ def compare(a_dir: Path | str, b_dir: Path | str, console: Console | None = None
     console.print(by_group)
 
     common = [qid for qid in rec_a if qid in rec_b]
+    paired = paired_differences([rec_a[q] for q in common], [rec_b[q] for q in common])
+    noise = Table(title=f"paired on the {len(common)} questions in both runs: is B-A beyond the noise?",
+                  title_style="bold")
+    for col in ("metric", "A", "B", "B-A", "95% interval", "beyond noise"):
+        noise.add_column(col, style="bold" if col == "metric" else None, justify="left" if col == "metric" else "right")
+    for name, row in paired.items():
+        lo, hi = row["ci95"]
+        noise.add_row(
+            name, f"{row['a'][0]}/{row['a'][1]}", f"{row['b'][0]}/{row['b'][1]}", f"{row['diff']:+.3f}",
+            f"{lo:+.3f} to {hi:+.3f}", Text("yes", style="bold") if row["beyond_noise"] else Text("no", style="dim"),
+        )
+    console.print(noise)
+    moves = stage_moves([rec_a[q] for q in common], [rec_b[q] for q in common])
+    console.print(Text(f"questions that moved between funnel stages: {sum(len(v) for v in moves.values())}",
+                       style="bold"))
+    for (was, now), ids in moves.items():
+        console.print(Text.assemble(f"  {was} → {now}: ", (str(len(ids)), "bold"), f"  {' '.join(ids)}"))
     a_only = [qid for qid in common if rec_a[qid].get("correct") and not rec_b[qid].get("correct")]
     b_only = [qid for qid in common if rec_b[qid].get("correct") and not rec_a[qid].get("correct")]
     for title, ids, style in (
@@ -414,4 +483,72 @@ def compare(a_dir: Path | str, b_dir: Path | str, console: Console | None = None
     only = sorted(set(rec_a) ^ set(rec_b))
     if only:
         console.print(Text(f"questions in only one run: {', '.join(only)}", style="yellow"))
-    return {"a_only_right": a_only, "b_only_right": b_only, "only_in_one": only}
+    return {
+        "a_only_right": a_only,
+        "b_only_right": b_only,
+        "only_in_one": only,
+        "paired": paired,
+        "moves": {f"{was}->{now}": ids for (was, now), ids in moves.items()},
+    }
+
+
+# Per-question yes/no outcomes that compare pairs: (name, answerable questions only?, score key).
+_PAIRED = (
+    ("correct", None, "correct"),
+    ("key_fact_accuracy", True, "key_facts_ok"),
+    ("hit@k", True, "hit"),
+    ("evidence_in_prompt (all quotes)", True, "in_prompt"),
+    ("false_refusal", True, "refused"),
+    ("negative_rejection", False, "refused"),
+)
+
+
+def paired_differences(
+    recs_a: Sequence[dict[str, Any]], recs_b: Sequence[dict[str, Any]], z: float = 1.96
+) -> dict[str, dict[str, Any]]:
+    """B-A of each yes/no outcome over the same questions, with a 95% interval of the paired difference.
+
+    Pairing matters: most questions give the same verdict in both runs, so the noise of a difference is
+    that of the questions that flipped, far less than two independent intervals would suggest. A
+    difference is beyond the noise when its interval excludes 0.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, answerable, key in _PAIRED:
+        pairs = []
+        for a, b in zip(recs_a, recs_b, strict=True):
+            sa, sb = a.get("scores") or {}, b.get("scores") or {}
+            if answerable is not None and sa.get("answerable") is not answerable:
+                continue
+            va = a.get("correct") if key == "correct" else sa.get(key)
+            vb = b.get("correct") if key == "correct" else sb.get(key)
+            if va is None or vb is None:
+                continue
+            pairs.append((int(bool(va)), int(bool(vb))))
+        n = len(pairs)
+        if not n:
+            continue
+        diffs = [vb - va for va, vb in pairs]
+        mean = sum(diffs) / n
+        var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+        half = z * math.sqrt(var / n)
+        out[name] = {
+            "n": n,
+            "a": [sum(va for va, _ in pairs), n],
+            "b": [sum(vb for _, vb in pairs), n],
+            "diff": mean,
+            "ci95": [mean - half, mean + half],
+            "beyond_noise": mean - half > 0 or mean + half < 0,
+            "flipped": sum(1 for d in diffs if d),
+        }
+    return out
+
+
+def stage_moves(recs_a: Sequence[dict[str, Any]], recs_b: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """(stage in A, stage in B) -> question ids, for the questions whose funnel stage changed."""
+    moves: dict[tuple[str, str], list[str]] = {}
+    for a, b in zip(recs_a, recs_b, strict=True):
+        was = (a.get("scores") or {}).get("stage") or "?"
+        now = (b.get("scores") or {}).get("stage") or "?"
+        if was != now:
+            moves.setdefault((was, now), []).append(str(a.get("id")))
+    return dict(sorted(moves.items()))
