@@ -72,6 +72,15 @@ Answer the question using only the documents above. Rules:
 Question: {{question}}
 Answer (in English):""",
 }
+# Where the question was also put into the documents' language, the prompt shows that form too: the
+# passages' own words, which a small model matches far better than a translation it must make itself.
+
+TRANSLATE_PROMPT = "You translate questions for a document search. Output only the translation, on one line."
+TRANSLATE_USER = {
+    "zh": "Translate this question into Simplified Chinese. Keep names, numbers and technical terms written in "
+          "Latin letters (GPT-4, MoE, RAG) as they are.\n\n{question}",
+    "en": "Translate this question into English. Keep names, numbers and technical terms as they are.\n\n{question}",
+}
 
 
 def question_language(text: str) -> str:
@@ -114,11 +123,13 @@ class Answer:
     answer: str | None
     refused: bool | None
     citations: list[dict[str, Any]]
-    retrieved: list[dict[str, Any]]
+    retrieved: list[dict[str, Any]]  # what retrieval found, best first
     model: str | None
     timings: dict[str, float | int | None]
     standalone_question: str | None = None
-    hits: list[Hit] = field(default_factory=list, repr=False)
+    hits: list[Hit] = field(default_factory=list, repr=False)  # the passages the model saw, numbered [1]..
+    context: list[dict[str, Any]] = field(default_factory=list)  # those passages as the model saw them
+    translated: str | None = None  # the question in the documents' language, when it was put into it
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -127,11 +138,14 @@ class Answer:
             "refused": self.refused,
             "citations": self.citations,
             "retrieved": self.retrieved,
+            "context": self.context,
             "model": self.model,
             "timings": self.timings,
         }
         if self.standalone_question and self.standalone_question != self.question:
             out["standalone_question"] = self.standalone_question
+        if self.translated:
+            out["translated_question"] = self.translated
         return out
 
 
@@ -214,9 +228,30 @@ def format_passages(hits: list[Hit]) -> str:
     return "<documents>\n" + "\n\n".join(parts) + "\n</documents>"
 
 
-def build_messages(question: str, hits: list[Hit]) -> list[Message]:
-    user = USER_PROMPT[question_language(question)].format(documents=format_passages(hits), question=question)
+def build_messages(question: str, hits: list[Hit], translated: str | None = None) -> list[Message]:
+    lang = question_language(question)
+    shown = question
+    if translated:
+        shown = f"{question}\n" + (
+            f"(The question in the documents' language: {translated})" if lang == "en" else f"（问题的另一种语言表述：{translated}）"
+        )
+    user = USER_PROMPT[lang].format(documents=format_passages(hits), question=shown)
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def documents_language(texts: list[str]) -> dict[str, float]:
+    """Share of the passages in each prompt language, by characters: which forms of a question to search."""
+    counts = {"zh": 0, "en": 0}
+    for text in texts:
+        counts[question_language(text)] += len(text)
+    total = sum(counts.values()) or 1
+    return {lang: n / total for lang, n in counts.items()}
+
+
+def looks_like_translation(text: str, question: str, target: str) -> bool:
+    """A small model sometimes answers, explains or echoes instead of translating: keep only a line in the
+    target language of about the question's length."""
+    return bool(text) and question_language(text) == target and len(text) <= 3 * len(question) + 20
 
 
 # The baseline: LangChain's classic retrieval-QA prompt, as a user would copy it from a tutorial.
@@ -281,6 +316,22 @@ def attribute(answer: str, hits: list[Hit], threshold: float = 0.3) -> int | Non
     return best if best_score >= threshold else None
 
 
+def context_entry(n: int, hit: Hit) -> dict[str, Any]:
+    """Passage [n] as the model saw it: its chunk's place, and the text given (focus may have cut it)."""
+    c = hit.chunk
+    return {
+        "n": n,
+        "source": c.source,
+        "start": c.start,
+        "end": c.end,
+        "text": hit.prompt_text,
+        "lines": [c.start_line, c.end_line],
+        "page": c.page,
+        "heading": c.heading,
+        "focused": hit.context is not None,
+    }
+
+
 class _Background:
     """A call running in a daemon thread; `result` waits for it and returns its value or raises its error."""
 
@@ -320,6 +371,7 @@ class QA:
         self._llm = llm
         self._loading: _Background | None = None
         self._sentence_vectors: dict[str, list[float]] = {}
+        self._languages: tuple[int, dict[str, float]] | None = None
         self.retriever = HybridRetriever(
             self.index, k=settings.k, fetch_k=settings.fetch_k, rrf_k=settings.rrf_k,
             mode="dense" if self.baseline else "hybrid",
@@ -384,6 +436,30 @@ class QA:
                 cache.pop(next(iter(cache)))
         return [cache[t] for t in texts]
 
+    def languages(self) -> dict[str, float]:
+        """The index's share of Chinese and English text, remembered until the chunk set changes."""
+        chunks = self.index.load_chunks()
+        if self._languages is None or self._languages[0] != id(chunks):
+            self._languages = (id(chunks), documents_language([c.text for c in chunks.values()]))
+        return self._languages[1]
+
+    def translate(self, question: str) -> str | None:
+        """The question in the documents' language, when a fair share (30%) of them is in another language
+        than the question; None when no translation is needed or the model's output is not one."""
+        if not self.settings.translate_query or self.baseline:
+            return None
+        lang = question_language(question)
+        target = "en" if lang == "zh" else "zh"
+        if self.languages().get(target, 0.0) < 0.3:
+            return None
+        messages: list[Message] = [
+            {"role": "system", "content": TRANSLATE_PROMPT},
+            {"role": "user", "content": TRANSLATE_USER[target].format(question=question)},
+        ]
+        lines = "".join(self.llm.stream(messages, max_tokens=96)).strip().splitlines()
+        text = lines[0].strip().strip('"“”') if lines else ""
+        return text if looks_like_translation(text, question, target) else None
+
     def condense(self, question: str, history: list[tuple[str, str]]) -> str:
         """Turn a follow-up into a standalone question using the conversation so far."""
         if not history:
@@ -407,9 +483,12 @@ class QA:
         history: list[tuple[str, str]] | None = None,
         k: int | None = None,
         retrieval_only: bool = False,
+        context_only: bool = False,
     ) -> Answer:
+        """Answer `question`. `retrieval_only` stops after retrieval; `context_only` after the passages are
+        fitted into the prompt (what the eval needs to measure evidence_in_prompt without generating)."""
         try:
-            return self._ask(question, on_token, history, k, retrieval_only)
+            return self._ask(question, on_token, history, k, retrieval_only, context_only)
         except BaseException:
             if self._loading is not None:
                 self._loading.wait()  # its redirected stderr would swallow the error the caller prints next
@@ -422,15 +501,20 @@ class QA:
         history: list[tuple[str, str]] | None,
         k: int | None,
         retrieval_only: bool,
+        context_only: bool = False,
     ) -> Answer:
         question = check_question(question)
         t0 = time.perf_counter()
         standalone = self.condense(question, history or []) if history else question
-        retrieval = self.retriever.retrieve(standalone, k=k or self.settings.k)
-        retrieve_ms = (time.perf_counter() - t0) * 1000
+        t_translate = time.perf_counter()
+        translated = self.translate(standalone)
+        translate_ms = (time.perf_counter() - t_translate) * 1000
+        retrieval = self.retriever.retrieve(standalone, k=k or self.settings.k, also=[translated] if translated else [])
+        retrieve_ms = (time.perf_counter() - t0) * 1000 - translate_ms
         hits = retrieval.hits
         timings: dict[str, float | int | None] = {
             "retrieve_ms": round(retrieve_ms, 1),
+            "translate_ms": round(translate_ms, 1) if translated is not None else None,
             "ttft_ms": None,
             "total_ms": None,
             "prompt_tokens": None,
@@ -438,20 +522,29 @@ class QA:
         }
         if retrieval_only:
             timings["total_ms"] = timings["retrieve_ms"]
-            return Answer(question, None, None, [], [h.as_dict() for h in hits], None, timings, standalone, hits)
+            return Answer(question, None, None, [], [h.as_dict() for h in hits], None, timings, standalone, [],
+                          translated=translated)
 
+        found = [h.as_dict() for h in hits]
         t_focus = time.perf_counter()
-        hits = self.fit_hits(standalone, hits, retrieval.vector)
+        hits = self.fit_hits(f"{standalone}\n{translated}" if translated else standalone, hits, retrieval.vector)
         timings["focus_ms"] = round((time.perf_counter() - t_focus) * 1000, 1)
+        if context_only:
+            timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            return Answer(question, None, None, [], found, None, timings, standalone, hits,
+                          [context_entry(n, h) for n, h in enumerate(hits, start=1)], translated)
         lang = question_language(question)
         if not hits:
             answer = REFUSAL[lang]
             if on_token:
                 on_token(answer)
             timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-            return Answer(question, answer, True, [], [], self.llm.name, timings, standalone, hits)
+            return Answer(question, answer, True, [], found, self.llm.name, timings, standalone, hits,
+                          translated=translated)
 
-        messages = (build_baseline_messages if self.baseline else build_messages)(standalone, hits)
+        messages = (
+            build_baseline_messages(standalone, hits) if self.baseline else build_messages(standalone, hits, translated)
+        )
         filt = CitationFilter(len(hits))
         raw: list[str] = []
         shown: list[str] = []
@@ -507,11 +600,13 @@ class QA:
             answer=answer,
             refused=refused,
             citations=citations,
-            retrieved=[h.as_dict() for h in hits],
+            retrieved=found,
             model=self.llm.name,
             timings=timings,
             standalone_question=standalone,
             hits=hits,
+            context=[context_entry(n, h) for n, h in enumerate(hits, start=1)],
+            translated=translated,
         )
 
     @staticmethod

@@ -39,6 +39,9 @@ class Settings:
     chunk_overlap: int = 80
     k: int = 5
     context_tokens: int = 200  # passage tokens in the prompt: sentences chosen to fill it; 0 = whole passages
+    # A question in another language than the documents is also put into theirs by the model (a short
+    # call): retrieval searches both forms, focus scores sentences against both, the prompt shows both.
+    translate_query: bool = True
     focus_embed: bool = False  # also score sentences by embedding similarity (cross-lingual, ~2.5 s a question)
     fetch_k: int = 20
     rrf_k: int = 60

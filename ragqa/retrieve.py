@@ -89,6 +89,12 @@ def distinct_texts(fused: list[tuple[str, float, dict]], chunks: dict, k: int) -
     return out
 
 
+def _best(detail: dict[str, tuple[int, float]], kind: str) -> tuple[int, float] | None:
+    """The best (rank, score) of one kind of list over the question's forms ("dense", "dense.1", ...)."""
+    ranks = [v for name, v in detail.items() if name == kind or name.startswith(kind + ".")]
+    return min(ranks) if ranks else None
+
+
 @dataclass
 class Retrieval:
     hits: list[Hit]
@@ -111,13 +117,18 @@ class HybridRetriever:
         self.rrf_k = rrf_k
         self.mode = mode  # "hybrid", "dense" or "bm25": the last two exist to measure what fusion buys
 
-    def retrieve(self, query: str, k: int | None = None) -> Retrieval:
+    def retrieve(self, query: str, k: int | None = None, also: Sequence[str] = ()) -> Retrieval:
+        """Top k for `query`; each form in `also` (the question put into the documents' language) adds its
+        own dense and BM25 lists to the fusion, after the original's, so ties still go to the original."""
         k = k or self.k
+        also = [a for a in dict.fromkeys(also) if a and a != query]
         if self.index.changed():  # a long-lived process (chat, serve) answers from what is committed now
             self.index.refresh()
         self.index.load_chunks()  # the first call reads them: not a cost of this query's search
         t0 = time.perf_counter()
-        vector = self.index.embedder.embed_query(query) if self.mode in ("hybrid", "dense") else None
+        dense_mode = self.mode in ("hybrid", "dense")
+        vector = self.index.embedder.embed_query(query) if dense_mode else None
+        also_vectors = [self.index.embedder.embed_query(a) for a in also] if dense_mode else []
         t1 = time.perf_counter()
         for attempt in range(3):
             chunks = self.index.load_chunks()
@@ -131,13 +142,18 @@ class HybridRetriever:
                     continue
             if self.mode in ("hybrid", "bm25"):
                 lists["bm25"] = self.index.bm25_search(query, self.fetch_k)
+            for i, form in enumerate(also, start=1):
+                if also_vectors:
+                    lists[f"dense.{i}"] = self.index.dense_search(also_vectors[i - 1], self.fetch_k)
+                if self.mode in ("hybrid", "bm25"):
+                    lists[f"bm25.{i}"] = self.index.bm25_search(form, self.fetch_k)
             break
         fused = distinct_texts(rrf_fuse(lists, 2 * self.fetch_k, self.rrf_k), chunks, k)
         t2 = time.perf_counter()
         hits = []
         for doc_id, score, detail in fused:
-            dense = detail.get("dense")
-            bm25 = detail.get("bm25")
+            dense = _best(detail, "dense")
+            bm25 = _best(detail, "bm25")
             hits.append(
                 Hit(
                     chunk=chunks[doc_id],
@@ -156,6 +172,29 @@ class HybridRetriever:
 # five whole passages are ~900 tokens. Most of a passage is context for the one or two sentences that answer;
 # choosing sentences across the top passages to fill a token budget keeps the evidence and drops the wait.
 _SENTENCE = re.compile(r".+?(?:[。！？；!?…]+[”’」』）)\"']*|\.(?=\s)|\n+|$)", re.S)
+
+
+# A "sentence" longer than this many characters is cut at its commas or spaces (then every MAX_UNIT_CHARS):
+# a transcript's run-on paragraphs have no sentence ends, and one such sentence filled the whole budget.
+MAX_UNIT_CHARS = 80
+_CLAUSE_END = re.compile(r"[，,、：:）)]+\s*|\s+")
+
+
+def split_long(text: str, limit: int = MAX_UNIT_CHARS) -> list[str]:
+    """`text` in pieces of at most about `limit` characters, cut after commas or at spaces where it can
+    be, hard every `limit` characters where it cannot. Concatenated they give back the text."""
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        cut = None
+        for m in _CLAUSE_END.finditer(text, start + limit // 3, start + limit):
+            cut = m.end()
+        cut = cut or start + limit
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return [p for p in pieces if p]
 
 
 def sentences(text: str) -> list[str]:
@@ -212,7 +251,7 @@ def focus(
             if pieces and not text.strip():
                 pieces[-1] += text  # a blank line belongs to the sentence before it
             else:
-                pieces.append(text)
+                pieces.extend(split_long(text))
         units.extend(_Sentence(i, j, text, count_tokens(text)) for j, text in enumerate(pieces))
     if sum(u.tokens for u in units) <= budget:
         return list(hits)

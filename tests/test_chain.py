@@ -131,7 +131,8 @@ def test_invalid_citations_never_reach_the_user(corpus_settings: Settings, embed
     answer = qa.ask("杰文斯悖论是什么？", on_token=shown.append)
     assert answer.answer == "事实[2]和。" == "".join(shown)
     assert [c["n"] for c in answer.citations] == [2]
-    assert answer.citations[0]["text"] == answer.retrieved[1]["text"]
+    assert (answer.citations[0]["source"], answer.citations[0]["start"]) == (
+        answer.context[1]["source"], answer.context[1]["start"])
 
 
 @pytest.mark.slow
@@ -141,9 +142,9 @@ def test_prompt_budget_keeps_whole_passages(corpus_settings: Settings, embedder)
     settings = corpus_settings.replace(context_tokens=0)  # whole passages, as many as the window holds
     qa = QA(settings, index=Index(settings, embedder=embedder), llm=fake)
     answer = qa.ask("杰文斯悖论是什么？")
-    assert 1 <= len(answer.retrieved) < corpus_settings.k
+    assert 1 <= len(answer.context) < corpus_settings.k == len(answer.retrieved)  # found k, fitted fewer
     prompt = fake.seen[-1][1]["content"]
-    assert all(r["text"].strip() in prompt for r in answer.retrieved)  # every passage whole
+    assert all(r["text"].strip() in prompt and not r["focused"] for r in answer.context)  # every passage whole
 
 
 @pytest.mark.slow
@@ -152,12 +153,14 @@ def test_prompt_holds_the_chosen_sentences_within_the_context_budget(corpus_sett
     qa = QA(corpus_settings, index=Index(corpus_settings, embedder=embedder), llm=fake)
     answer = qa.ask("杰文斯悖论是什么？")
     prompt = fake.seen[-1][1]["content"]
-    shown = [r.get("context") or r["text"] for r in answer.retrieved]
-    assert all(text.strip() in prompt for text in shown) and any("context" in r for r in answer.retrieved)
+    shown = [r["text"] for r in answer.context]
+    assert all(text.strip() in prompt for text in shown) and any(r["focused"] for r in answer.context)
     assert sum(len(text.replace("…", "")) for text in shown) <= corpus_settings.context_tokens
     assert "杰文斯悖论" in "".join(shown) and answer.timings["focus_ms"] is not None
     # Citations still point at the whole chunk, so the user sees each sentence in its context.
-    assert answer.citations and answer.citations[0]["text"] == answer.retrieved[0]["text"]
+    whole = {(r["source"], r["start"]): r["text"] for r in answer.retrieved}
+    c = answer.citations[0]
+    assert answer.citations and c["text"] == whole[(c["source"], c["start"])] != answer.context[0]["text"]
 
 
 @pytest.mark.slow
@@ -166,11 +169,11 @@ def test_ask_json_cites_a_chunk_holding_the_answer(corpus_settings: Settings) ->
     proc = run_cli("ask", "杰文斯悖论是谁提出的？", "--json", "--model", DEFAULT_MODEL, env=env)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert set(result) >= {"question", "answer", "refused", "citations", "retrieved", "model", "timings"}
+    assert set(result) >= {"question", "answer", "refused", "citations", "retrieved", "context", "model", "timings"}
     assert result["refused"] is False and result["citations"], result
     assert any("杰文斯" in c["text"] for c in result["citations"])
     for c in result["citations"]:
-        r = result["retrieved"][c["n"] - 1]
+        r = result["context"][c["n"] - 1]
         assert (c["source"], c["start"], c["end"]) == (r["source"], r["start"], r["end"])
         assert Path(c["source"]).read_text(encoding="utf-8")[c["start"] : c["end"]] == c["text"]
     assert result["timings"]["ttft_ms"] > 0 and result["timings"]["prompt_tokens"] > 100
@@ -247,3 +250,80 @@ def test_preloaded_model_answers_and_a_failed_question_waits_for_the_load(corpus
     assert qa._loading is None and qa.llm is loading._value
     lazy = QA(settings, index=qa.index, llm=qa.llm).ask("杰文斯悖论是什么？")
     assert [h.chunk.id for h in answer.hits] == [h.chunk.id for h in lazy.hits] and answer.answer
+
+
+# --- cross-lingual questions -------------------------------------------------------------------------------
+
+
+class _Chunks:
+    """An index stand-in holding only chunk texts: what QA.languages reads."""
+
+    def __init__(self, texts: list[str]) -> None:
+        from ragqa.ingest import Chunk
+
+        self.chunks = {str(i): Chunk(str(i), "f", 0, len(t), t, "", 1, 1) for i, t in enumerate(texts)}
+
+    def load_chunks(self) -> dict:
+        return self.chunks
+
+
+def _qa_over(texts: list[str], llm: FakeLLM, **changes) -> QA:
+    from ragqa.config import load_settings
+
+    qa = QA.__new__(QA)  # logic only: no index, no models
+    qa.settings = load_settings(changes, env={})
+    qa.baseline = False
+    qa.index = _Chunks(texts)
+    qa._llm = llm
+    qa._languages = None
+    return qa
+
+
+ZH_DOCS = ["杰文斯悖论指出，技术进步提高了资源使用效率，反而增加了资源的总消耗。", "专家混合模型把每个词元路由给少数专家。"]
+
+
+def test_english_question_over_chinese_documents_is_translated() -> None:
+    llm = FakeLLM(["什么是杰文斯悖论？", "\n多余的解释"])
+    qa = _qa_over(ZH_DOCS, llm)
+    assert qa.translate("What is the Jevons paradox?") == "什么是杰文斯悖论？"
+    system, user = llm.seen[-1]
+    assert system["role"] == "system" and "Simplified Chinese" in user["content"]
+    assert "What is the Jevons paradox?" in user["content"]
+
+
+def test_no_translation_when_the_documents_share_the_question_language() -> None:
+    llm = FakeLLM(["unused"])
+    assert _qa_over(ZH_DOCS, llm).translate("杰文斯悖论是什么？") is None
+    assert _qa_over(ZH_DOCS, llm, translate_query=False).translate("What is the Jevons paradox?") is None
+    assert llm.seen == []  # no model call at all
+
+
+def test_a_reply_that_is_not_a_translation_is_dropped() -> None:
+    # The model answered in English instead of translating: the question is searched as asked.
+    qa = _qa_over(ZH_DOCS, FakeLLM(["The Jevons paradox says that efficiency raises consumption."]))
+    assert qa.translate("What is the Jevons paradox?") is None
+    assert _qa_over(ZH_DOCS, FakeLLM([""])).translate("What is the Jevons paradox?") is None
+
+
+def test_chinese_question_over_english_documents_is_translated() -> None:
+    docs = ["The Jevons paradox: efficiency gains raise total resource consumption.", "Mixture of experts routes tokens."]
+    qa = _qa_over(docs, FakeLLM(["What is the Jevons paradox?"]))
+    assert qa.translate("杰文斯悖论是什么？") == "What is the Jevons paradox?"
+
+
+def test_prompt_shows_the_translated_question_beside_the_original() -> None:
+    from ragqa.ingest import Chunk
+    from ragqa.retrieve import Hit
+
+    hits = [Hit(Chunk("0", "f", 0, 10, ZH_DOCS[0], "", 1, 1), 0.1)]
+    user = build_messages("What is the Jevons paradox?", hits, "什么是杰文斯悖论？")[1]["content"]
+    assert "Question: What is the Jevons paradox?\n(The question in the documents' language: 什么是杰文斯悖论？)" in user
+    assert user.rstrip().endswith("Answer (in English):")
+    assert "documents' language" not in build_messages("What is the Jevons paradox?", hits)[1]["content"]
+
+
+def test_documents_language_shares() -> None:
+    from ragqa.chain import documents_language
+
+    shares = documents_language(ZH_DOCS + ["An English note about GPUs and their prices in 2030."])
+    assert shares["zh"] > 0.5 > shares["en"] > 0.2

@@ -384,7 +384,7 @@ def test_ask_answers_through_a_llama_cpp_server(llama_server: str, corpus_settin
     assert result["model"] == f"{SMALL_MODEL} @ {llama_server}"
     assert result["answer"] and result["refused"] is False and result["citations"], result
     for c in result["citations"]:
-        r = result["retrieved"][c["n"] - 1]
+        r = result["context"][c["n"] - 1]
         assert (c["source"], c["start"], c["end"]) == (r["source"], r["start"], r["end"])
         assert Path(c["source"]).read_text(encoding="utf-8")[c["start"] : c["end"]] == c["text"]
     assert result["timings"]["completion_tokens"] > 0 and result["timings"]["prompt_tokens"] > 100

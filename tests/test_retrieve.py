@@ -166,3 +166,26 @@ def test_focused_context_keeps_the_evidence_of_real_questions(small_qa) -> None:
     # Focus keeps ~2 passages' worth: on the whole eval, 0.794 of the evidence is in the prompt against 0.969
     # retrieved (README, Performance); here 10 of 12 questions keep theirs. Below 3 in 4 is a regression.
     assert found >= 6 and kept >= 0.75 * found, (kept, found)
+
+
+def test_split_long_cuts_run_on_sentences_at_commas_or_spaces() -> None:
+    from ragqa.retrieve import MAX_UNIT_CHARS, split_long
+
+    run_on = "然后微软发了一篇论文 然后他公开了参数量 " * 12 + "所以这个过程其实就是一个反思的过程" * 3
+    pieces = split_long(run_on)
+    assert "".join(pieces) == run_on and len(pieces) > 3
+    assert all(len(p) <= MAX_UNIT_CHARS for p in pieces)
+    assert all(p.endswith(" ") for p in pieces[:3])  # cut where the speaker paused, not mid-word
+    assert split_long("短句。") == ["短句。"]
+    no_breaks = "字" * 200
+    assert "".join(split_long(no_breaks)) == no_breaks and max(map(len, split_long(no_breaks))) <= MAX_UNIT_CHARS
+
+
+@pytest.mark.slow
+def test_the_translated_form_of_a_question_joins_the_fusion(small_qa) -> None:
+    """An English question's Chinese form adds its own dense and BM25 lists: BM25 now finds the passage
+    the English words could not (the corpus writes 杰文斯, not Jevons)."""
+    alone = small_qa.retriever.retrieve("What does the Jevons paradox say about efficiency?")
+    both = small_qa.retriever.retrieve("What does the Jevons paradox say about efficiency?", also=["杰文斯悖论关于效率说了什么？"])
+    assert "杰文斯" in both.hits[0].chunk.text and both.hits[0].bm25_rank is not None
+    assert sum("杰文斯" in h.chunk.text for h in both.hits) >= sum("杰文斯" in h.chunk.text for h in alone.hits)

@@ -168,7 +168,7 @@ def test_serve_answers_eight_concurrent_requests(server: str, corpus_settings: S
         assert isinstance(body["answer"], str) and body["answer"] and isinstance(body["refused"], bool)
         assert body["model"] == corpus_settings.model and isinstance(body["citations"], list)
         for c in body["citations"]:
-            assert 1 <= c["n"] <= len(body["retrieved"]) and Path(c["source"]).is_file()
+            assert 1 <= c["n"] <= len(body["context"]) and Path(c["source"]).is_file()
     assert any(not json.loads(text)["refused"] for _, text in results.values())
 
 
