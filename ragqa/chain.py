@@ -21,6 +21,7 @@ from typing import Any
 from ragqa import models
 from ragqa.config import Settings
 from ragqa.errors import RagqaError
+from ragqa.grounding import ground
 from ragqa.index import Index
 from ragqa.llm import ChatModel, Message, load_llm
 from ragqa.retrieve import Hit, HybridRetriever, focus, overlap_grams
@@ -130,6 +131,7 @@ class Answer:
     hits: list[Hit] = field(default_factory=list, repr=False)  # the passages the model saw, numbered [1]..
     context: list[dict[str, Any]] = field(default_factory=list)  # those passages as the model saw them
     translated: str | None = None  # the question in the documents' language, when it was put into it
+    grounding: list[dict[str, Any]] | None = None  # per answer sentence: supported by its passages?
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -146,6 +148,8 @@ class Answer:
             out["standalone_question"] = self.standalone_question
         if self.translated:
             out["translated_question"] = self.translated
+        if self.grounding is not None:
+            out["grounding"] = self.grounding
         return out
 
 
@@ -232,9 +236,12 @@ def build_messages(question: str, hits: list[Hit], translated: str | None = None
     lang = question_language(question)
     shown = question
     if translated:
-        shown = f"{question}\n" + (
-            f"(The question in the documents' language: {translated})" if lang == "en" else f"（问题的另一种语言表述：{translated}）"
+        line = (
+            f"(The question in the documents' language: {translated})"
+            if lang == "en"
+            else f"（问题的另一种语言表述：{translated}）"
         )
+        shown = f"{question}\n{line}"
     user = USER_PROMPT[lang].format(documents=format_passages(hits), question=shown)
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
@@ -414,7 +421,8 @@ class QA:
         llm = self.llm
         if self.settings.context_tokens > 0 and not self.baseline:
             embed = self._embed_sentences if self.settings.focus_embed else None
-            hits = focus(question, hits, self.settings.context_tokens, llm.count_tokens, vector, embed)
+            hits = focus(question, hits, self.settings.context_tokens, llm.count_tokens, vector, embed,
+                         split_chars=self.settings.focus_split_chars)
         fixed = SYSTEM_PROMPT + max(USER_PROMPT.values(), key=len)
         budget = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + question) - 32
         kept: list[Hit] = []
@@ -595,6 +603,7 @@ class QA:
         timings["prompt_tokens"] = usage.get("prompt_tokens")
         timings["completion_tokens"] = usage.get("completion_tokens")
         citations = [] if refused else [self._citation(n, hits[n - 1]) for n in filt.cited]
+        grounding = None if refused else [m.as_dict() for m in ground(answer, [h.prompt_text for h in hits])]
         return Answer(
             question=question,
             answer=answer,
@@ -607,6 +616,7 @@ class QA:
             hits=hits,
             context=[context_entry(n, h) for n, h in enumerate(hits, start=1)],
             translated=translated,
+            grounding=grounding,
         )
 
     @staticmethod

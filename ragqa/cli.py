@@ -223,6 +223,16 @@ def print_sources(answer: Any) -> None:
         out.print(f"[bold][{c['n']}][/] {escape(source_label(c))}{heading}")
 
 
+def print_grounding(answer: Any) -> None:
+    """Name the answer's sentences whose numbers or names stand in none of the passages they cite."""
+    from rich.markup import escape
+
+    for mark in answer.grounding or []:
+        if not mark["supported"]:
+            what = f" ({', '.join(mark['unsupported'])} not in the passages)" if mark["unsupported"] else ""
+            err.print(f"[yellow]unsupported:[/] {escape(mark['sentence'])}{escape(what)}")
+
+
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The question, in Chinese or English.")],
@@ -258,6 +268,7 @@ def ask(
     if answer.citations:
         out.print()
         print_sources(answer)
+    print_grounding(answer)
     t = answer.timings
     err.print(
         f"[dim]{answer.model} · first token {t['ttft_ms'] or 0:.0f} ms · total {t['total_ms'] or 0:.0f} ms · "

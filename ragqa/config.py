@@ -42,6 +42,7 @@ class Settings:
     # A question in another language than the documents is also put into theirs by the model (a short
     # call): retrieval searches both forms, focus scores sentences against both, the prompt shows both.
     translate_query: bool = True
+    focus_split_chars: int = 80  # focus cuts sentences longer than this at commas or spaces; 0 = never
     focus_embed: bool = False  # also score sentences by embedding similarity (cross-lingual, ~2.5 s a question)
     fetch_k: int = 20
     rrf_k: int = 60

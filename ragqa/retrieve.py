@@ -232,6 +232,7 @@ def focus(
     count_tokens: Callable[[str], int],
     query_vector: Sequence[float] | None = None,
     embed: Callable[[list[str]], list[list[float]]] | None = None,
+    split_chars: int = MAX_UNIT_CHARS,
 ) -> list[Hit]:
     """Fit the passages' text into `budget` tokens: the best passages whole, then the best sentences of the
     next ones.
@@ -251,7 +252,7 @@ def focus(
             if pieces and not text.strip():
                 pieces[-1] += text  # a blank line belongs to the sentence before it
             else:
-                pieces.extend(split_long(text))
+                pieces.extend(split_long(text, split_chars) if split_chars > 0 else [text])
         units.extend(_Sentence(i, j, text, count_tokens(text)) for j, text in enumerate(pieces))
     if sum(u.tokens for u in units) <= budget:
         return list(hits)

@@ -279,7 +279,10 @@ def _qa_over(texts: list[str], llm: FakeLLM, **changes) -> QA:
     return qa
 
 
-ZH_DOCS = ["杰文斯悖论指出，技术进步提高了资源使用效率，反而增加了资源的总消耗。", "专家混合模型把每个词元路由给少数专家。"]
+ZH_DOCS = [
+    "杰文斯悖论指出，技术进步提高了资源使用效率，反而增加了资源的总消耗。",
+    "专家混合模型把每个词元路由给少数专家。",
+]
 
 
 def test_english_question_over_chinese_documents_is_translated() -> None:
@@ -306,7 +309,8 @@ def test_a_reply_that_is_not_a_translation_is_dropped() -> None:
 
 
 def test_chinese_question_over_english_documents_is_translated() -> None:
-    docs = ["The Jevons paradox: efficiency gains raise total resource consumption.", "Mixture of experts routes tokens."]
+    docs = ["The Jevons paradox: efficiency gains raise total resource consumption.",
+            "Mixture of experts routes tokens."]
     qa = _qa_over(docs, FakeLLM(["What is the Jevons paradox?"]))
     assert qa.translate("杰文斯悖论是什么？") == "What is the Jevons paradox?"
 
@@ -317,7 +321,8 @@ def test_prompt_shows_the_translated_question_beside_the_original() -> None:
 
     hits = [Hit(Chunk("0", "f", 0, 10, ZH_DOCS[0], "", 1, 1), 0.1)]
     user = build_messages("What is the Jevons paradox?", hits, "什么是杰文斯悖论？")[1]["content"]
-    assert "Question: What is the Jevons paradox?\n(The question in the documents' language: 什么是杰文斯悖论？)" in user
+    shown = "Question: What is the Jevons paradox?\n(The question in the documents' language: 什么是杰文斯悖论？)"
+    assert shown in user
     assert user.rstrip().endswith("Answer (in English):")
     assert "documents' language" not in build_messages("What is the Jevons paradox?", hits)[1]["content"]
 

@@ -476,6 +476,7 @@ def test_summary_splits_by_lang_and_type(corpus: CorpusTexts) -> None:
     assert summary["by_type"]["negative"]["hit@k"] is None
     expected = {
         "evidence_recall@k",
+        "evidence_in_prompt",
         "hit@k",
         "mrr",
         "key_fact_accuracy",
@@ -484,8 +485,12 @@ def test_summary_splits_by_lang_and_type(corpus: CorpusTexts) -> None:
         "false_refusal",
         "citation_validity",
         "citation_support",
+        "faithfulness",
         "latency",
         "prompt_tokens",
+        "counts",
+        "ci95",
+        "funnel",
     }
     assert set(summary["overall"]) - {"n"} == expected
 
@@ -801,12 +806,12 @@ def test_key_fact_matching_rules(answer: str, must: str, ok: bool) -> None:
 
 
 def test_chinese_numeral_values() -> None:
-    from ragqa.evals.metrics import chinese_numeral_value
+    from ragqa.textnorm import chinese_numeral_value
 
     cases = {"四": 4, "十": 10, "十二": 12, "二十": 20, "三十五": 35, "一百零五": 105, "两千": 2000,
              "一千二百": 1200, "二〇二四": 2024, "九十": 90}
     assert {k: chinese_numeral_value(k) for k in cases} == cases
-    assert chinese_numeral_value("二二十") is None and chinese_numeral_value("百十") is None
+    assert chinese_numeral_value("二二十") is None and chinese_numeral_value("十百") is None
 
 
 def test_fair_matching_counts_in_key_fact_accuracy(corpus: CorpusTexts) -> None:
@@ -823,7 +828,8 @@ def with_context(res: dict[str, Any], shown: list[tuple[dict[str, Any], str]]) -
     """The result as the pipeline writes it now: `retrieved` is what was found, `context` what the model
     saw (a chunk's place with the text given, which focus may have cut)."""
     res["context"] = [
-        {"n": n, "source": c["source"], "start": c["start"], "end": c["end"], "text": text, "focused": text != c["text"]}
+        {"n": n, "source": c["source"], "start": c["start"], "end": c["end"], "text": text,
+         "focused": text != c["text"]}
         for n, (c, text) in enumerate(shown, start=1)
     ]
     return res

@@ -186,6 +186,7 @@ def test_the_translated_form_of_a_question_joins_the_fusion(small_qa) -> None:
     """An English question's Chinese form adds its own dense and BM25 lists: BM25 now finds the passage
     the English words could not (the corpus writes 杰文斯, not Jevons)."""
     alone = small_qa.retriever.retrieve("What does the Jevons paradox say about efficiency?")
-    both = small_qa.retriever.retrieve("What does the Jevons paradox say about efficiency?", also=["杰文斯悖论关于效率说了什么？"])
+    question = "What does the Jevons paradox say about efficiency?"
+    both = small_qa.retriever.retrieve(question, also=["杰文斯悖论关于效率说了什么？"])
     assert "杰文斯" in both.hits[0].chunk.text and both.hits[0].bm25_rank is not None
     assert sum("杰文斯" in h.chunk.text for h in both.hits) >= sum("杰文斯" in h.chunk.text for h in alone.hits)

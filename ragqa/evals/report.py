@@ -38,6 +38,7 @@ RATE_LABELS = {
     "false_refusal": "false refusal",
     "citation_validity": "citation validity",
     "citation_support": "citation support",
+    "faithfulness": "faithfulness",
 }
 PALETTE = ("#3b6fd8", "#e0823d", "#3aa57a", "#c2477b", "#8a63d2", "#b59a2c", "#4aa3c2", "#7a7a7a")
 FONT_STACK = (
@@ -125,7 +126,8 @@ def interval_rows(group: dict[str, Any]) -> list[tuple[str, str, str]]:
 def funnel_rows(summary: dict[str, Any], columns: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, list[str]]]:
     """Funnel stages as rows, a cell per column: where the answerable and the unanswerable questions ended."""
     rows = []
-    for kind, stages, prefix in (("answerable", FUNNEL_ANSWERABLE, ""), ("negative", FUNNEL_NEGATIVE, "unanswerable: ")):
+    kinds = (("answerable", FUNNEL_ANSWERABLE, ""), ("negative", FUNNEL_NEGATIVE, "unanswerable: "))
+    for kind, stages, prefix in kinds:
         extra = sorted({st for _l, g in columns for st in ((g.get("funnel") or {}).get(kind) or {})} - set(stages))
         for stage in (*stages, *extra):
             cells = []

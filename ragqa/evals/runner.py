@@ -317,7 +317,8 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(funnel)
     overall = Table(title="overall, with 95% intervals (Wilson)", title_style="bold")
     for col in ("metric", "rate k/n", "95% interval"):
-        overall.add_column(col, style="bold" if col == "metric" else None, justify="left" if col == "metric" else "right")
+        first = col == "metric"
+        overall.add_column(col, style="bold" if first else None, justify="left" if first else "right")
     for row in interval_rows(summary.get("overall") or {}):
         overall.add_row(*row)
     console.print(overall)
@@ -389,6 +390,7 @@ _GROUP_METRICS = {
     "false_refusal": "false ref",
     "citation_validity": "cit valid",
     "citation_support": "cit supp",
+    "faithfulness": "faithful",
 }
 
 

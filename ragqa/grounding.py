@@ -1,0 +1,91 @@
+"""A grounding mark on every answer sentence: is what it says in the passages it cites?
+
+A small model copies numbers and names wrong more often than it invents whole sentences, and those are
+what a reader acts on. So the check is cheap and literal: every number (in the digits-and-magnitudes form
+of ragqa.textnorm, so "8 billion" finds 80 亿) and every Latin-letter name a sentence states must stand in
+the passages it cites (or, citing none, in any passage given), and a sentence in the passages' own language
+must share at least half of its word bigrams with them. An English sentence over Chinese passages can only
+be checked on its numbers and names: it is marked supported when those hold.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ragqa.retrieve import overlap_grams, sentences
+from ragqa.textnorm import MAGNITUDE, expand_magnitudes, normalize_text
+
+_MARKER = re.compile(r"\[(\d+)\]")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# A Latin-letter token that names something: has a capital after its first letter, a digit, or is all caps
+# (GPT-4, MoE, DeepSeek, H100, RLHF); ordinary English words are not checked against Chinese passages.
+_NAME = re.compile(r"\b[A-Za-z][A-Za-z0-9]*(?:[-.][A-Za-z0-9]+)*\b")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
+MIN_SHARED_GRAMS = 0.5
+
+
+def _is_name(token: str, in_chinese: bool) -> bool:
+    if len(token) < 2:
+        return False
+    if in_chinese:
+        return True
+    return any(c.isdigit() for c in token) or any(c.isupper() for c in token[1:]) or token.isupper()
+
+
+@dataclass
+class SentenceMark:
+    sentence: str
+    supported: bool
+    passages: list[int]  # 1-based passage numbers the sentence was checked against
+    unsupported: list[str] = field(default_factory=list)  # numbers and names found in none of them
+
+    def as_dict(self) -> dict[str, object]:
+        return {"sentence": self.sentence, "supported": self.supported, "passages": self.passages,
+                "unsupported": self.unsupported}
+
+
+def _numbers(text: str) -> set[str]:
+    norm = normalize_text(text)
+    return set(_NUMBER.findall(norm)) | set(_NUMBER.findall(expand_magnitudes(norm)))
+
+
+def check_sentence(sentence: str, passages: dict[int, str], cited: list[int]) -> SentenceMark:
+    """Mark one sentence against the cited passages (all passages when it cites none)."""
+    numbers_of = sorted(cited) if cited else sorted(passages)
+    text = " ".join(passages[n] for n in numbers_of if n in passages)
+    bare = _MARKER.sub("", sentence)
+    have = _numbers(text)
+    stated = normalize_text(bare)
+    # A number with a magnitude (8 billion, 80亿) is checked by its value, any other number as written.
+    values = [expand_magnitudes(m.group(0)) for m in MAGNITUDE.finditer(stated)]
+    values += _NUMBER.findall(MAGNITUDE.sub(" ", stated))
+    missing = [v for v in dict.fromkeys(values) if v not in have]
+    in_chinese = bool(_CJK.search(bare))
+    lowered = text.lower()
+    for token in dict.fromkeys(_NAME.findall(bare)):
+        if _is_name(token, in_chinese) and token.lower() not in lowered:
+            missing.append(token)
+    same_language = in_chinese == bool(_CJK.search(text))
+    shared_ok = True
+    if same_language:
+        grams = overlap_grams(bare)
+        shared_ok = not grams or len(grams & overlap_grams(text)) / len(grams) >= MIN_SHARED_GRAMS
+    return SentenceMark(sentence.strip(), not missing and shared_ok, numbers_of, missing)
+
+
+def ground(answer: str, passages: list[str]) -> list[SentenceMark]:
+    """One mark per sentence of `answer`; `passages` are the texts the model saw, [1] first."""
+    numbered = {i: p for i, p in enumerate(passages, start=1)}
+    marks = []
+    for sentence in sentences(answer):
+        if not _MARKER.sub("", sentence).strip(" \n。.，,;；:：-—"):
+            continue  # a citation or punctuation left alone on a line
+        cited = [int(n) for n in _MARKER.findall(sentence) if int(n) in numbered]
+        marks.append(check_sentence(sentence, numbered, cited))
+    return marks
+
+
+def faithful(marks: list[SentenceMark]) -> bool | None:
+    """Whether every sentence of an answer is supported; None for an answer with no sentence to check."""
+    return all(m.supported for m in marks) if marks else None
