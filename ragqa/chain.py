@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from ragqa.config import Settings
 from ragqa.errors import RagqaError
 from ragqa.grounding import ground
 from ragqa.index import Index
-from ragqa.llm import ChatModel, Message, load_llm
+from ragqa.llm import ChatModel, Message, RefusalGate, load_llm
 from ragqa.retrieve import Hit, HybridRetriever, focus, overlap_grams
 
 MAX_QUESTION_CHARS = 2000
@@ -132,6 +132,7 @@ class Answer:
     context: list[dict[str, Any]] = field(default_factory=list)  # those passages as the model saw them
     translated: str | None = None  # the question in the documents' language, when it was put into it
     grounding: list[dict[str, Any]] | None = None  # per answer sentence: supported by its passages?
+    refusal_p: float | None = None  # the model's probability of refusing first (llm.RefusalGate)
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -150,6 +151,8 @@ class Answer:
             out["translated_question"] = self.translated
         if self.grounding is not None:
             out["grounding"] = self.grounding
+        if self.refusal_p is not None:
+            out["refusal_p"] = self.refusal_p
         return out
 
 
@@ -255,6 +258,23 @@ def documents_language(texts: list[str]) -> dict[str, float]:
     return {lang: n / total for lang, n in counts.items()}
 
 
+def first_line(stream: Iterator[str]) -> str:
+    """The first non-empty line of a streamed reply, closing the stream there: a small model often goes on
+    to answer or explain, and on 2 cores every token it writes is ~0.1 s the user waits for."""
+    text = ""
+    try:
+        for piece in stream:
+            text += piece
+            stripped = text.lstrip()
+            if "\n" in stripped:
+                return stripped.split("\n", 1)[0].strip()
+    finally:
+        close = getattr(stream, "close", None)
+        if close:
+            close()
+    return text.strip()
+
+
 def looks_like_translation(text: str, question: str, target: str) -> bool:
     """A small model sometimes answers, explains or echoes instead of translating: keep only a line in the
     target language of about the question's length."""
@@ -300,6 +320,23 @@ Standalone question: 专家混合模型有什么优点？"""
 def looks_like_rewrite(text: str, question: str) -> bool:
     """Small models sometimes answer instead of rewriting; such output must not replace the question."""
     return bool(text) and len(text) <= max(3 * len(question), 80) and text.rstrip().endswith(("?", "？"))
+
+
+def nearby(hits: list[Hit], lang: str, most: int = 2) -> str:
+    """What the documents do hold near the question, for a refusal to name: the headings (else the opening
+    words) of the best passages, so "not in the documents" still points the reader somewhere."""
+    names: list[str] = []
+    for hit in hits:
+        name = (hit.chunk.heading or hit.chunk.text.strip().splitlines()[0][:24]).strip(" #")
+        if name and name not in names:
+            names.append(name)
+        if len(names) == most:
+            break
+    if not names:
+        return ""
+    if lang == "zh":
+        return "相关内容见：" + "、".join(f"「{n}」" for n in names) + "。"
+    return " Nearby, they discuss: " + "; ".join(f"“{n}”" for n in names) + "."
 
 
 def is_refusal(answer: str, cited: list[int]) -> bool:
@@ -422,7 +459,7 @@ class QA:
         if self.settings.context_tokens > 0 and not self.baseline:
             embed = self._embed_sentences if self.settings.focus_embed else None
             hits = focus(question, hits, self.settings.context_tokens, llm.count_tokens, vector, embed,
-                         split_chars=self.settings.focus_split_chars)
+                         split_chars=self.settings.focus_split_chars, spread=self.settings.focus_spread)
         fixed = SYSTEM_PROMPT + max(USER_PROMPT.values(), key=len)
         budget = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + question) - 32
         kept: list[Hit] = []
@@ -464,8 +501,8 @@ class QA:
             {"role": "system", "content": TRANSLATE_PROMPT},
             {"role": "user", "content": TRANSLATE_USER[target].format(question=question)},
         ]
-        lines = "".join(self.llm.stream(messages, max_tokens=96)).strip().splitlines()
-        text = lines[0].strip().strip('"“”') if lines else ""
+        text = first_line(self.llm.stream(messages, max_tokens=2 * self.llm.count_tokens(question) + 24))
+        text = text.strip('"“”')
         return text if looks_like_translation(text, question, target) else None
 
     def condense(self, question: str, history: list[tuple[str, str]]) -> str:
@@ -564,7 +601,9 @@ class QA:
                 if on_token:
                     on_token(text)
 
-        stream = self.llm.stream(messages, max_tokens=self.settings.max_tokens)
+        gate = RefusalGate(self.settings.refusal_threshold) if getattr(self.llm, "refusal_gate", False) else None
+        extra: dict[str, Any] = {"gate": gate, "sentinel": SENTINEL} if gate and not self.baseline else {}
+        stream = self.llm.stream(messages, max_tokens=self.settings.max_tokens, **extra)
         for piece in stream:
             if timings["ttft_ms"] is None:
                 timings["ttft_ms"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -595,7 +634,7 @@ class QA:
                 emit(f" [{n}]")
                 answer = "".join(shown).strip()
         if refused:
-            answer = REFUSAL[lang]
+            answer = REFUSAL[lang] + nearby(hits, lang)
             if on_token and not shown:
                 on_token(answer)
         usage = getattr(self.llm, "usage", {}) or {}
@@ -617,6 +656,7 @@ class QA:
             context=[context_entry(n, h) for n, h in enumerate(hits, start=1)],
             translated=translated,
             grounding=grounding,
+            refusal_p=round(gate.p, 4) if gate is not None and gate.p is not None else None,
         )
 
     @staticmethod

@@ -43,6 +43,7 @@ class Settings:
     # call): retrieval searches both forms, focus scores sentences against both, the prompt shows both.
     translate_query: bool = True
     focus_split_chars: int = 80  # focus cuts sentences longer than this at commas or spaces; 0 = never
+    focus_spread: bool = False  # focus takes every passage's best sentence first (retrieve.focus)
     focus_embed: bool = False  # also score sentences by embedding similarity (cross-lingual, ~2.5 s a question)
     fetch_k: int = 20
     rrf_k: int = 60
@@ -54,6 +55,9 @@ class Settings:
     gpu_layers: int = 0
     temperature: float = 0.0
     max_tokens: int = 400
+    # "Not in the documents" when the model's probability of starting with the refusal sentinel reaches
+    # this (llama.cpp models; chosen on the eval's tune part); none: the model's own greedy choice.
+    refusal_threshold: float | None = None
     chat_format: str | None = None
     seed: int = 42
     prompt_cache: bool = True  # keep the KV state of the fixed system prompts on disk (home/cache)

@@ -77,13 +77,15 @@ def check_sentence(sentence: str, passages: dict[int, str], cited: list[int]) ->
 def ground(answer: str, passages: list[str]) -> list[SentenceMark]:
     """One mark per sentence of `answer`; `passages` are the texts the model saw, [1] first."""
     numbered = {i: p for i, p in enumerate(passages, start=1)}
-    marks = []
+    pieces: list[tuple[str, list[int]]] = []
     for sentence in sentences(answer):
-        if not _MARKER.sub("", sentence).strip(" \n。.，,;；:：-—"):
-            continue  # a citation or punctuation left alone on a line
         cited = [int(n) for n in _MARKER.findall(sentence) if int(n) in numbered]
-        marks.append(check_sentence(sentence, numbered, cited))
-    return marks
+        if not _MARKER.sub("", sentence).strip(" \n。.，,;；:：-—"):
+            if pieces and cited:  # "…。 [1]": a citation after the period belongs to the sentence before it
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + cited)
+            continue
+        pieces.append((sentence, cited))
+    return [check_sentence(sentence, numbered, cited) for sentence, cited in pieces]
 
 
 def faithful(marks: list[SentenceMark]) -> bool | None:

@@ -41,6 +41,47 @@ class ChatModel(Protocol):
     def count_tokens(self, text: str) -> int: ...
 
 
+class RefusalGate:
+    """Decides "not in the documents" from one calibrated number: the model's probability of starting its
+    reply with the refusal sentinel, read off the first token's distribution, which llama.cpp computes
+    anyway when it evaluates the prompt.
+
+    A 1.5B model's own greedy choice refused a quarter of answerable questions and half the unanswerable
+    ones it should have: the sentinel was often the likeliest first token by a hair, or missed by a hair.
+    With a threshold chosen on the eval's tune part, the gate forces the sentinel when its probability
+    reaches the threshold and bans it below, so the model answers. Without a threshold it only measures.
+    """
+
+    def __init__(self, threshold: float | None) -> None:
+        self.threshold = threshold
+        self.p: float | None = None  # P(first token starts the sentinel), once the first token is chosen
+
+    def processor(self, first_ids: list[int]) -> Callable[[Any, Any], Any]:
+        """A llama-cpp-python logits processor acting on the first generated token only."""
+        import numpy as np
+
+        ids = np.asarray(sorted(set(first_ids)), dtype=np.intp)
+
+        def apply(_input_ids: Any, scores: Any) -> Any:
+            if self.p is not None:
+                return scores
+            logits = scores.astype(np.float64)
+            weights = np.exp(logits - logits.max())
+            self.p = float(weights[ids].sum() / weights.sum())
+            if self.threshold is None:
+                return scores
+            out = np.array(scores, copy=True)
+            if self.p >= self.threshold:
+                keep = ids[int(np.argmax(out[ids]))]
+                out[:] = -np.inf
+                out[keep] = scores[keep]
+            else:
+                out[ids] = -np.inf
+            return out
+
+        return apply
+
+
 # ---- GGUF metadata -------------------------------------------------------------------------------------
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
@@ -145,13 +186,29 @@ class LlamaCppChat:
     def count_tokens(self, text: str) -> int:
         return len(self.client.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    def stream(self, messages: list[Message], max_tokens: int) -> Iterator[str]:
+    refusal_gate = True  # stream() takes a RefusalGate (see there)
+
+    def sentinel_first_ids(self, sentinel: str) -> list[int]:
+        """The token ids a reply starting with `sentinel` can start with (with and without a space)."""
+        return [self.client.tokenize(form.encode("utf-8"), add_bos=False, special=False)[0]
+                for form in (sentinel, " " + sentinel)]
+
+    def stream(
+        self, messages: list[Message], max_tokens: int, gate: RefusalGate | None = None, sentinel: str = ""
+    ) -> Iterator[str]:
         lc_messages = _lc_messages(messages)
         completion = 0
         if self.prefixes and messages and messages[0]["role"] == "system":
             self.prefixes.restore(messages[0]["content"])
+        extra: dict[str, Any] = {}
+        if gate is not None and sentinel:
+            from llama_cpp import LogitsProcessorList
+
+            # Below LangChain: ChatLlamaCpp passes extra keywords through to create_chat_completion, the only
+            # place the first token's distribution can be read.
+            extra["logits_processor"] = LogitsProcessorList([gate.processor(self.sentinel_first_ids(sentinel))])
         try:
-            for chunk in self.chat.stream(lc_messages, max_tokens=max_tokens):
+            for chunk in self.chat.stream(lc_messages, max_tokens=max_tokens, **extra):
                 text = chunk.content if isinstance(chunk.content, str) else ""
                 if text:
                     completion += 1

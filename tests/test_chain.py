@@ -120,7 +120,8 @@ def test_sentinel_becomes_a_plain_refusal(corpus_settings: Settings, embedder) -
     qa = QA(corpus_settings, index=Index(corpus_settings, embedder=embedder), llm=FakeLLM(["NOT_", "IN_", "DOCUMENTS"]))
     shown: list[str] = []
     answer = qa.ask("2030 年的 GPU 价格是多少？", on_token=shown.append)
-    assert answer.refused is True and answer.answer == REFUSAL["zh"] and "".join(shown) == REFUSAL["zh"]
+    assert answer.refused is True and answer.answer.startswith(REFUSAL["zh"] + "相关内容见：「")
+    assert "".join(shown) == answer.answer
     assert answer.citations == []
 
 
@@ -332,3 +333,16 @@ def test_documents_language_shares() -> None:
 
     shares = documents_language(ZH_DOCS + ["An English note about GPUs and their prices in 2030."])
     assert shares["zh"] > 0.5 > shares["en"] > 0.2
+
+
+def test_a_refusal_names_what_the_documents_hold_nearby() -> None:
+    from ragqa.chain import nearby
+    from ragqa.ingest import Chunk
+    from ragqa.retrieve import Hit
+
+    hits = [Hit(Chunk("0", "f", 0, 9, "杰文斯悖论的正文。", "3.1 廉价诱导需求", 1, 1), 0.1),
+            Hit(Chunk("1", "f", 0, 9, "# 专家混合\n正文", "", 1, 1), 0.1),
+            Hit(Chunk("2", "f", 0, 9, "第三段", "3.1 廉价诱导需求", 1, 1), 0.1)]
+    assert nearby(hits, "zh") == "相关内容见：「3.1 廉价诱导需求」、「专家混合」。"
+    assert nearby(hits, "en") == " Nearby, they discuss: “3.1 廉价诱导需求”; “专家混合”."
+    assert nearby([], "en") == ""

@@ -45,6 +45,12 @@ def test_a_same_language_sentence_needs_shared_words() -> None:
 
 
 def test_uncited_sentences_are_checked_against_every_passage_and_lone_markers_skipped() -> None:
-    marks = ground("DeepSeek V3 总参数 6710 亿。\n\n[2]", PASSAGES)
+    marks = ground("DeepSeek V3 总参数 6710 亿。", PASSAGES)
     assert len(marks) == 1 and marks[0].supported is True and marks[0].passages == [1, 2]
+    assert [m.passages for m in ground("DeepSeek V3 总参数 6710 亿。\n\n[2]", PASSAGES)] == [[2]]
     assert faithful(ground("", PASSAGES)) is None
+
+
+def test_a_citation_after_the_period_counts_for_the_sentence_before_it() -> None:
+    marks = ground("GPT-4o mini 只有 80 亿参数。 [2]", PASSAGES)
+    assert len(marks) == 1 and marks[0].passages == [2] and marks[0].supported is True

@@ -381,6 +381,7 @@ def score_question(
         "invalid_citations": bad_cits,
         "citation_support": support,
         "faithful": faithful,
+        "refusal_p": _num(result.get("refusal_p")),
         "retrieve_ms": _num(timings.get("retrieve_ms")),
         "ttft_ms": ttft,
         "total_ms": total,
@@ -512,6 +513,46 @@ def funnel_counts(scores: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]
     return {"answerable": answerable, "negative": negative}
 
 
+def refusal_sweep(
+    scores: Sequence[dict[str, Any]], run_threshold: float | None, steps: int = 20
+) -> list[dict[str, Any]]:
+    """negative_rejection, false_refusal and key_fact_accuracy had the refusal been decided at each
+    threshold t of the first-token sentinel probability (llm.RefusalGate), from one run's records.
+
+    A question is refused at t when its probability reaches t, or when the run refused it by other means
+    (in words, or by the sentinel below the run's own threshold). Exact for t up to the run's threshold:
+    above it a question the run refused has no answer to score, so key facts are left out there. A run
+    with threshold above 1 (the sentinel never allowed) gives the whole curve.
+    """
+    limit = 1.0 if run_threshold is None else run_threshold
+    rows = []
+    for i in range(1, steps):
+        t = i / steps
+        neg, ans, kfa, exact = [0, 0], [0, 0], [0, 0], t <= limit
+        for s in scores:
+            p = s.get("refusal_p")
+            if p is None or s.get("refused") is None:
+                continue
+            other = bool(s["refused"]) and (run_threshold is None or p < run_threshold)
+            refused = p >= t or other
+            if s["answerable"]:
+                ans[0] += refused
+                ans[1] += 1
+                kfa[0] += (not refused) and bool(s.get("key_facts_ok"))
+                kfa[1] += 1
+            else:
+                neg[0] += refused
+                neg[1] += 1
+        rows.append({
+            "threshold": t,
+            "negative_rejection": neg[0] / neg[1] if neg[1] else None,
+            "false_refusal": ans[0] / ans[1] if ans[1] else None,
+            "key_fact_accuracy": kfa[0] / kfa[1] if kfa[1] and exact else None,
+            "counts": {"negative_rejection": neg, "false_refusal": ans, "key_fact_accuracy": kfa},
+        })
+    return [r for r in rows if r["counts"]["false_refusal"][1] or r["counts"]["negative_rejection"][1]]
+
+
 def _ordered(keys: Iterable[str], preferred: Sequence[str]) -> list[str]:
     present = set(keys)
     return [k for k in preferred if k in present] + sorted(present - set(preferred))
@@ -527,6 +568,7 @@ def summarize(records: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict
     return {
         "n": len(records),
         "overall": aggregate([r["scores"] for r in records]),
+        "refusal_sweep": refusal_sweep([r["scores"] for r in records], config.get("refusal_threshold")),
         "by_lang": group("lang", LANG_ORDER),
         "by_type": group("type", QUESTION_TYPES),
         "config": config,

@@ -273,6 +273,46 @@ def funnel_chart(groups: Sequence[tuple[str, dict[str, Any]]]) -> str:
     )
 
 
+def refusal_chart(sweep: Sequence[dict[str, Any]]) -> str:
+    """negative_rejection and false_refusal (and key facts) against the refusal threshold: where the
+    threshold that trades one for the other sits."""
+    sweep = [r for r in sweep if r.get("false_refusal") is not None or r.get("negative_rejection") is not None]
+    if not sweep:
+        return ""
+    width, height, left, right, top, bottom = 1000, 260, 46, 10, 12, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    lines = (("negative_rejection", PALETTE[0]), ("false_refusal", PALETTE[1]), ("key_fact_accuracy", PALETTE[2]))
+    parts = [_svg_open(width, height, "Refusal against the threshold")]
+    for tick in (0, 0.25, 0.5, 0.75, 1.0):
+        y = top + plot_h * (1 - tick)
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">{tick * 100:.0f}%</text>')
+    for tick in (0.1, 0.3, 0.5, 0.7, 0.9):
+        x = left + plot_w * tick
+        parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" class="tick" text-anchor="middle">{tick:.1f}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 4}" class="label" text-anchor="middle">'
+                 "threshold on P(first token refuses)</text>")
+    for key, colour in lines:
+        rows = [r for r in sweep if r.get(key) is not None]
+        points = [(left + plot_w * r["threshold"], top + plot_h * (1 - r[key])) for r in rows]
+        if points:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+            for (x, y), r in zip(points, rows, strict=True):
+                k, n = r["counts"][key]
+                parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"><title>{_e(key)} at '
+                             f'{r["threshold"]:.2f}: {k}/{n}</title></circle>')
+    parts.append("</svg>")
+    legend = "".join(
+        f'<span class="legend-item"><span class="swatch" style="background:{c}"></span>{_e(RATE_LABELS[k])}</span>'
+        for k, c in lines
+    )
+    return (
+        "<figure><figcaption>Refusal decided by the first token's sentinel probability, at each threshold"
+        f'</figcaption><div class="legend">{legend}</div>{"".join(parts)}</figure>'
+    )
+
+
 def _funnel_table(summary: dict[str, Any]) -> str:
     columns = summary_columns(summary)
     head = "".join(f"<th>{_e(label)}</th>" for label, _g in columns)
@@ -676,6 +716,8 @@ generated {generated}</div>
 <p class="muted">A right answer counts as right wherever retrieval stood; the other answerable questions end
 at the first stage that lost them. Intervals are 95% Wilson intervals of each rate.</p>
 {_interval_table(summary)}
+<h2 id="refusal">Refusal threshold</h2>
+{refusal_chart(summary.get("refusal_sweep") or []) or '<p class="muted">No refusal probabilities in this run.</p>'}
 <h2 id="charts">By language and type</h2>
 {bar_chart("Rates by language", lang_groups)}
 {bar_chart("Rates by question type", type_groups)}
