@@ -123,14 +123,14 @@ def models_fetch(
 def _export_onnx(name: str, settings: Any) -> None:
     """Make the ONNX export the embedder's fast runtime needs; if it fails, say so and keep torch (unless the
     settings insist on ONNX), since the export only changes speed, never the vectors."""
-    from ragqa import models
+    from ragqa import onnx_export
 
-    if not models.onnx_export_due(name, settings.models_dir):
+    if not onnx_export.export_due(name, settings.models_dir):
         return
     t0 = time.perf_counter()
     err.print(escape(f"{name}: exporting to ONNX for a faster embedder (once; ~30 s on 2 cores)"))
     try:
-        path = models.export_onnx(name, settings.models_dir)
+        path = onnx_export.export_model(name, settings.models_dir)
     except RagqaError as exc:
         if settings.embed_runtime == "onnx":
             raise

