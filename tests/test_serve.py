@@ -1,7 +1,5 @@
 import json
-import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -17,7 +15,7 @@ from ragqa.chain import Answer
 from ragqa.config import Settings
 from ragqa.serve import Busy, QAService, create_app
 
-from .conftest import assert_one_line_error, free_port, make_settings, run_cli, stop_process, wait_for_http
+from .conftest import assert_one_line_error, free_port, make_settings, run_cli, running_server
 
 
 class FakeQA:
@@ -125,17 +123,10 @@ def server(corpus_settings: Settings, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
            "RAGQA_MODEL": corpus_settings.model, "RAGQA_MAX_TOKENS": "48"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from ragqa.cli import main; main()", "serve", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url + "/health", proc, log)
+    with running_server([sys.executable, "-c", "from ragqa.cli import main; main()", "serve", "--port", str(port)],
+                        url + "/health", log, env=env):
         yield url
-    finally:
-        stop_process(proc)
     assert "Traceback" not in log.read_text(encoding="utf-8"), log.read_text(encoding="utf-8")
 
 
