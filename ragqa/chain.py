@@ -549,12 +549,18 @@ class QA:
         raw: list[str] = []
         shown: list[str] = []
         held = True  # hold output until it is clear the model is not printing the refusal sentinel
+        held_space = ""  # trailing whitespace waits for more text, so a citation appended later stays on its line
 
         def emit(text: str) -> None:
-            if text:
-                shown.append(text)
-                if on_token:
-                    on_token(text)
+            nonlocal held_space
+            body = text.rstrip()
+            if not body:
+                held_space += text
+                return
+            text, held_space = held_space + body, text[len(body) :]
+            shown.append(text)
+            if on_token:
+                on_token(text)
 
         stream = self.llm.stream(messages, max_tokens=self.settings.max_tokens)
         for piece in stream:
@@ -584,6 +590,7 @@ class QA:
             n = attribute(answer, hits)
             if n:
                 filt.cited.append(n)
+                held_space = ""  # the citation follows the last words, not the blank lines after them
                 emit(f" [{n}]")
                 answer = "".join(shown).strip()
         if refused:
