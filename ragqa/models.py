@@ -174,6 +174,17 @@ def _part_position(wheel: Path, spec: ModelSpec, default: int) -> int:
 
 
 
+def quiet_hf_libraries() -> None:
+    """Silence the progress bars and info logs of transformers and huggingface_hub ("Loading weights: 100%|██…"
+    on every load): ragqa reports its own progress, through rich, and the library bars would break into it.
+    Called where ragqa loads a model with them (the torch embedder, the ONNX export)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub when it is imported
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' own tqdm, and huggingface_hub's if already imported
+    hf_logging.set_verbosity_error()
+
+
 def publish_dir(ready: Path, dest: Path) -> Path:
     """Put a fully written folder in place of `dest` (a re-fetch or re-export replaces the old one whole)."""
     if dest.exists():

@@ -110,6 +110,7 @@ def _pipeline_module(model_dir: Path) -> Any:
     bidirectionally; its sliding layers see keys with |q - k| < sliding_window, its full layers every
     non-padding key, which is what transformers builds for `use_bidirectional_attention`.
     """
+    models.quiet_hf_libraries()
     import torch
     from sentence_transformers import SentenceTransformer
 

@@ -103,3 +103,32 @@ def test_onnx_export_is_due_only_for_an_exportable_embedder_without_a_current_ex
             (copy / f.relative_to(gemma)).parent.mkdir(parents=True, exist_ok=True)
             (copy / f.relative_to(gemma)).symlink_to(f)
     assert onnx_export.export_due("embeddinggemma-300m", tmp_path)
+
+
+_LOAD_TINY = """
+import sys
+if sys.argv[2] == "quiet":
+    from ragqa import models
+    models.quiet_hf_libraries()
+from transformers import AutoModel, BertConfig, BertModel
+config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+BertModel(config).save_pretrained(sys.argv[1])
+AutoModel.from_pretrained(sys.argv[1])
+"""
+
+
+def test_model_loads_print_no_library_progress_bars(tmp_path: Path) -> None:
+    """transformers draws "Loading weights: 100%|██…" on every load; where ragqa loads a model that bar is off
+    (ragqa's own progress is rich's). The same load without the switch shows that the check can see it."""
+    import subprocess
+    import sys
+
+    def load(mode: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", _LOAD_TINY, str(tmp_path / mode), mode], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout + proc.stderr
+
+    assert "Loading weights" in load("loud")
+    quiet = load("quiet")
+    assert "Loading weights" not in quiet and "%|" not in quiet
