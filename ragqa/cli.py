@@ -459,7 +459,7 @@ def bench(
     embedder: EmbedderOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Benchmarks against the machine's limits: each prints a table and writes JSON (see README)."""
+    """Benchmarks against the machine's limits: each prints a table and writes JSON (README, Performance)."""
     from ragqa.evals import bench as b
 
     chosen = b.check_names(names or [])
