@@ -98,6 +98,24 @@ def test_api_shapes_and_bad_input() -> None:
     assert client.get("/README.md").status_code == 404 and client.get("/docs").status_code == 404
 
 
+def test_an_error_mid_stream_is_the_streams_last_line() -> None:
+    from ragqa.errors import RagqaError
+
+    class Failing(FakeQA):
+        def ask(self, question: str, k: int | None = None, on_token: Any = None) -> Answer:
+            on_token("部分")
+            raise RagqaError("the model server stopped mid-answer")
+
+    service = QAService(Failing())  # type: ignore[arg-type]
+    lines = [json.loads(line) for line in service.stream("是什么？")]
+    assert lines == [{"token": "部分"}, {"error": "the model server stopped mid-answer"}]
+    events = service.events("是什么？")
+    assert next(events) == ("token", "部分")
+    with pytest.raises(RagqaError, match="stopped mid-answer"):
+        next(events)  # outside HTTP the error is raised, in the consumer's thread
+    assert not service.lock.locked()
+
+
 def test_serve_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
