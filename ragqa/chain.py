@@ -594,12 +594,18 @@ class QA:
         raw: list[str] = []
         shown: list[str] = []
         held = True  # hold output until it is clear the model is not printing the refusal sentinel
+        held_space = ""  # trailing whitespace waits for more text, so a citation appended later stays on its line
 
         def emit(text: str) -> None:
-            if text:
-                shown.append(text)
-                if on_token:
-                    on_token(text)
+            nonlocal held_space
+            body = text.rstrip()
+            if not body:
+                held_space += text
+                return
+            text, held_space = held_space + body, text[len(body) :]
+            shown.append(text)
+            if on_token:
+                on_token(text)
 
         gate = RefusalGate(self.settings.refusal_threshold) if getattr(self.llm, "refusal_gate", False) else None
         extra: dict[str, Any] = {"gate": gate, "sentinel": SENTINEL} if gate and not self.baseline else {}
@@ -631,6 +637,7 @@ class QA:
             n = attribute(answer, hits)
             if n:
                 filt.cited.append(n)
+                held_space = ""  # the citation follows the last words, not the blank lines after them
                 emit(f" [{n}]")
                 answer = "".join(shown).strip()
         if refused:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import typer
 from rich.console import Console
@@ -50,9 +54,51 @@ ChromaUrlOpt = Annotated[
 ]
 
 
+ChunkSizeOpt = Annotated[int | None, typer.Option("--chunk-size", help="Chunk size in characters.")]
+ChunkOverlapOpt = Annotated[int | None, typer.Option("--chunk-overlap", help="Chunk overlap in characters.")]
+
+
 def settings_from(**flags: Any) -> Settings:
     renamed = {"n_threads" if k == "threads" else k: v for k, v in flags.items()}
     return load_settings(renamed)
+
+
+@dataclass
+class AnswerOptions:
+    """The flags of every command that answers (ask, chat, eval, serve): a new one is one field here."""
+
+    k: KOpt = None
+    model: ModelOpt = None
+    index: IndexOpt = None
+    embedder: EmbedderOpt = None
+    chat_format: ChatFormatOpt = None
+    gpu_layers: GpuOpt = None
+    threads: ThreadsOpt = None
+    llm_url: LlmUrlOpt = None
+    llm_model: LlmModelOpt = None
+    api_key_env: ApiKeyEnvOpt = None
+    chroma_url: ChromaUrlOpt = None
+
+    def settings(self, **more: Any) -> Settings:
+        """Defaults < ragqa.toml < env < these flags (and the command's own `more`)."""
+        return settings_from(**{f.name: getattr(self, f.name) for f in fields(self)}, **more)
+
+
+def answering(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` the AnswerOptions flags: typer sees them as its parameters, after the command's own, and
+    the command receives them as one `opts` object. Called from Python, omitted flags take their defaults."""
+    hints = get_type_hints(AnswerOptions, include_extras=True)
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+              for f in fields(AnswerOptions)]
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "opts"]
+
+    @functools.wraps(command)
+    def with_options(*args: Any, **kwargs: Any) -> None:
+        opts = AnswerOptions(**{p.name: kwargs.pop(p.name, p.default) for p in shared})
+        return command(*args, opts=opts, **kwargs)
+
+    with_options.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+    return with_options
 
 
 def prestart_embedder(settings: Settings) -> None:
@@ -123,14 +169,14 @@ def models_fetch(
 def _export_onnx(name: str, settings: Any) -> None:
     """Make the ONNX export the embedder's fast runtime needs; if it fails, say so and keep torch (unless the
     settings insist on ONNX), since the export only changes speed, never the vectors."""
-    from ragqa import models
+    from ragqa import onnx_export
 
-    if not models.onnx_export_due(name, settings.models_dir):
+    if not onnx_export.export_due(name, settings.models_dir):
         return
     t0 = time.perf_counter()
     err.print(escape(f"{name}: exporting to ONNX for a faster embedder (once; ~30 s on 2 cores)"))
     try:
-        path = models.export_onnx(name, settings.models_dir)
+        path = onnx_export.export_model(name, settings.models_dir)
     except RagqaError as exc:
         if settings.embed_runtime == "onnx":
             raise
@@ -158,8 +204,8 @@ def ingest(
     paths: Annotated[list[Path] | None, typer.Argument(help="Files or folders; default: the corpus setting.")] = None,
     index: IndexOpt = None,
     embedder: EmbedderOpt = None,
-    chunk_size: Annotated[int | None, typer.Option(help="Chunk size in characters.")] = None,
-    chunk_overlap: Annotated[int | None, typer.Option(help="Chunk overlap in characters.")] = None,
+    chunk_size: ChunkSizeOpt = None,
+    chunk_overlap: ChunkOverlapOpt = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Drop the index and build it anew.")] = False,
     threads: ThreadsOpt = None,
     chroma_url: ChromaUrlOpt = None,
@@ -234,25 +280,15 @@ def print_grounding(answer: Any) -> None:
 
 
 @app.command()
+@answering
 def ask(
     question: Annotated[str, typer.Argument(help="The question, in Chinese or English.")],
-    k: KOpt = None,
-    model: ModelOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
-    index: IndexOpt = None,
-    embedder: EmbedderOpt = None,
-    chat_format: ChatFormatOpt = None,
-    gpu_layers: GpuOpt = None,
-    threads: ThreadsOpt = None,
-    llm_url: LlmUrlOpt = None,
-    llm_model: LlmModelOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    chroma_url: ChromaUrlOpt = None,
+    *,
+    opts: AnswerOptions,
 ) -> None:
     """Answer one question from the index, streaming, with [n] citations and their sources."""
-    settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
-                             gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
-                             api_key_env=api_key_env, chroma_url=chroma_url)
+    settings = opts.settings()
     prestart_embedder(settings)
     from ragqa.chain import QA, check_question
 
@@ -277,23 +313,10 @@ def ask(
 
 
 @app.command()
-def chat(
-    k: KOpt = None,
-    model: ModelOpt = None,
-    index: IndexOpt = None,
-    embedder: EmbedderOpt = None,
-    chat_format: ChatFormatOpt = None,
-    gpu_layers: GpuOpt = None,
-    threads: ThreadsOpt = None,
-    llm_url: LlmUrlOpt = None,
-    llm_model: LlmModelOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    chroma_url: ChromaUrlOpt = None,
-) -> None:
+@answering
+def chat(*, opts: AnswerOptions) -> None:
     """Multi-turn chat over the index; follow-ups are resolved against the conversation."""
-    settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
-                             gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
-                             api_key_env=api_key_env, chroma_url=chroma_url)
+    settings = opts.settings()
     prestart_embedder(settings)
     from ragqa.chain import QA
 
@@ -342,27 +365,21 @@ def chat(
 
 # ---- eval --------------------------------------------------------------------------------------------
 @app.command("eval")
+@answering
 def eval_cmd(
     args: Annotated[list[str], typer.Argument(help="FILE.jsonl [FILE.jsonl ...] to run, or: compare A_DIR B_DIR.")],
     split: Annotated[str, typer.Option("--split", help="tune, test or all: the part of the suite to run. "
                                        "Tune defaults on tune; report test.")] = "all",
-    k: KOpt = None,
-    model: ModelOpt = None,
-    embedder: EmbedderOpt = None,
-    index: IndexOpt = None,
     retrieval_only: Annotated[bool, typer.Option("--retrieval-only", help="Score retrieval; skip generation.")] = False,
     context_only: Annotated[bool, typer.Option("--context-only", help="Retrieve and fit the prompt's passages, no "
                                                "answer: evidence_recall@k and evidence_in_prompt only.")] = False,
     pipeline: Annotated[str | None, typer.Option("--pipeline", help="ragqa or baseline.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Directory for results, summary, report.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N questions.")] = None,
-    chunk_size: Annotated[int | None, typer.Option(help="Chunk size in characters.")] = None,
-    chunk_overlap: Annotated[int | None, typer.Option(help="Chunk overlap in characters.")] = None,
-    threads: ThreadsOpt = None,
-    llm_url: LlmUrlOpt = None,
-    llm_model: LlmModelOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    chroma_url: ChromaUrlOpt = None,
+    chunk_size: ChunkSizeOpt = None,
+    chunk_overlap: ChunkOverlapOpt = None,
+    *,
+    opts: AnswerOptions,
 ) -> None:
     """Run an eval suite (JSONL) through the same path as `ragqa ask`, or compare two runs."""
     from ragqa import evals
@@ -376,9 +393,7 @@ def eval_cmd(
         raise RagqaError("usage: ragqa eval FILE.jsonl [FILE.jsonl ...] [options]  or  ragqa eval compare A_DIR B_DIR")
     from ragqa.chain import QA
 
-    settings = settings_from(k=k, model=model, embedder=embedder, index=index, pipeline=pipeline,
-                             chunk_size=chunk_size, chunk_overlap=chunk_overlap, threads=threads,
-                             llm_url=llm_url, llm_model=llm_model, api_key_env=api_key_env, chroma_url=chroma_url)
+    settings = opts.settings(pipeline=pipeline, chunk_size=chunk_size, chunk_overlap=chunk_overlap)
     questions = evals.load_suite([Path(a) for a in args], limit=limit, split=split)
     qa = QA(settings)
     settings = qa.settings  # the baseline pipeline brings its own chunking, k and index
@@ -411,28 +426,18 @@ def eval_cmd(
 
 # ---- serve -------------------------------------------------------------------------------------------
 @app.command()
+@answering
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback is reachable "
                                       "by others, without auth.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one).")] = 8000,
-    k: KOpt = None,
-    model: ModelOpt = None,
-    index: IndexOpt = None,
-    embedder: EmbedderOpt = None,
-    chat_format: ChatFormatOpt = None,
-    gpu_layers: GpuOpt = None,
-    threads: ThreadsOpt = None,
-    llm_url: LlmUrlOpt = None,
-    llm_model: LlmModelOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    chroma_url: ChromaUrlOpt = None,
+    *,
+    opts: AnswerOptions,
 ) -> None:
     """HTTP API: POST /ask and /ask/stream, GET /health. Models load once; requests take turns."""
     from ragqa.serve import serve as run_server
 
-    settings = settings_from(k=k, model=model, index=index, embedder=embedder, chat_format=chat_format,
-                             gpu_layers=gpu_layers, threads=threads, llm_url=llm_url, llm_model=llm_model,
-                             api_key_env=api_key_env, chroma_url=chroma_url)
+    settings = opts.settings()
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach it can ask (there is no auth)")
 
@@ -465,7 +470,7 @@ def bench(
     embedder: EmbedderOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Benchmarks against the machine's limits: each prints a table and writes JSON (see README)."""
+    """Benchmarks against the machine's limits: each prints a table and writes JSON (README, Performance)."""
     from ragqa.evals import bench as b
 
     chosen = b.check_names(names or [])

@@ -33,7 +33,7 @@ class Settings:
     corpus: Path = Path("corpus")
     embedder: str = "embeddinggemma-300m"
     model: str = "qwen2.5-coder-1.5b-instruct"
-    # Chunking, retrieval and prompt budget: chosen by `ragqa eval` on evals/corpus_qa.jsonl (see README).
+    # Chunking, retrieval and prompt budget: chosen by `ragqa eval` on evals/corpus_qa.jsonl (evals/RESULTS.md).
     pipeline: str = "ragqa"  # or "baseline": the plain LangChain tutorial recipe, kept to measure against
     chunk_size: int = 400
     chunk_overlap: int = 80
@@ -61,7 +61,7 @@ class Settings:
     chat_format: str | None = None
     seed: int = 42
     prompt_cache: bool = True  # keep the KV state of the fixed system prompts on disk (home/cache)
-    repack: bool = False  # llama.cpp's CPU weight repacking: faster generation, slower prompt and load (README)
+    repack: bool = False  # llama.cpp's CPU weight repacking: faster generation, slower prompt, load (RESULTS.md)
     # Remote services (scale-out).
     llm_url: str | None = None
     llm_model: str | None = None

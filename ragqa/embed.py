@@ -24,12 +24,9 @@ class SentenceTransformerEmbeddings(Embeddings):
     """A local sentence-transformers folder, safetensors only, no remote code."""
 
     def __init__(self, name: str, path: Path, batch_size: int = 16, threads: int | None = None) -> None:
+        models.quiet_hf_libraries()
         import torch
         from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # ragqa shows its own progress; a weights bar per load is noise
-        hf_logging.set_verbosity_error()
 
         if threads:
             torch.set_num_threads(threads)

@@ -225,9 +225,9 @@ class PrefixCache:
     prompt would still be evaluated again by every fresh `ragqa ask` process and after each chat follow-up's
     rewrite call (another system prompt, ~120 tokens). So each system prompt is evaluated once per machine:
     its state is saved under home/cache and loaded in milliseconds. What it saves is the system prompt's
-    length: ~39 tokens per answer with ragqa's current prompt, whose rules stay after the passages (README,
-    Performance). A file that fails to load is deleted and the prompt is evaluated as if there were no cache:
-    the cache can cost time, never an answer.
+    length: ~39 tokens per answer with ragqa's current prompt, whose rules stay after the passages
+    (evals/RESULTS.md, the prompt experiments). A file that fails to load is deleted and the prompt is
+    evaluated as if there were no cache: the cache can cost time, never an answer.
     """
 
     MAX_FILES = 16
@@ -335,8 +335,8 @@ def model_params(**fields: Any) -> Iterator[None]:
     """Set llama_model_params fields that `llama_cpp.Llama()` has no argument for, while a model is created.
 
     Why: `use_extra_bufts` (llama.cpp's CPU weight repacking, `--no-repack` in its CLI) decides prompt speed
-    here. With Q4_K_M on this 2-core machine, repacking gave prompt 93 tok/s against 140 without it,
-    generation 27.9 against 22.8 tok/s, and a 1.0 s load against 0.42 s (README, Performance). TTFT is
+    here. With Q4_K_M on a 2-core AVX-512 machine, repacking gave prompt 93 tok/s against 140 without it,
+    generation 27.9 against 22.8 tok/s, and a 1.0 s load against 0.42 s (evals/RESULTS.md). TTFT is
     prompt-bound, so ragqa turns it off by default. Llama() fills its params from
     `llama_model_default_params()` and then sets only the fields it knows, so the defaults are what can
     change. ragqa creates models from one thread; the original function is back when the block ends.

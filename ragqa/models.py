@@ -174,6 +174,17 @@ def _part_position(wheel: Path, spec: ModelSpec, default: int) -> int:
 
 
 
+def quiet_hf_libraries() -> None:
+    """Silence the progress bars and info logs of transformers and huggingface_hub ("Loading weights: 100%|██…"
+    on every load): ragqa reports its own progress, through rich, and the library bars would break into it.
+    Called where ragqa loads a model with them (the torch embedder, the ONNX export)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub when it is imported
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' own tqdm, and huggingface_hub's if already imported
+    hf_logging.set_verbosity_error()
+
+
 def publish_dir(ready: Path, dest: Path) -> Path:
     """Put a fully written folder in place of `dest` (a re-fetch or re-export replaces the old one whole)."""
     if dest.exists():
@@ -261,38 +272,6 @@ def _fetch(name: str, models_dir: Path, progress: ProgressFn | None, force: bool
         return publish_dir(out_dir, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def export_onnx(name: str, models_dir: Path) -> Path | None:
-    """Give a fetched sentence-transformers embedder its ONNX export (a no-op when current); None if it has none.
-
-    Kept apart from `fetch` because it needs torch and minutes of CPU: `ragqa models fetch` / `setup` call it,
-    library callers that only want the weights do not pay for it. The runtime falls back to torch without it.
-    """
-    from ragqa import onnx_export
-
-    spec = get_spec(name)
-    path = final_path(spec, models_dir)
-    if not _onnx_exportable(spec, path):
-        return None
-    if not is_fetched(spec, models_dir):
-        raise RagqaError(f"model {name} is not fetched yet; run: ragqa models fetch {name}")
-    return onnx_export.export_onnx(path, sha256=spec.sha256)
-
-
-def onnx_export_due(name: str, models_dir: Path) -> bool:
-    """Whether `export_onnx` has work to do: an embedder it can export whose export is missing or stale."""
-    from ragqa import onnx_export
-
-    spec = get_spec(name)
-    path = final_path(spec, models_dir)
-    return _onnx_exportable(spec, path) and onnx_export.export_status(path) is not None
-
-
-def _onnx_exportable(spec: ModelSpec, path: Path) -> bool:
-    from ragqa import onnx_export
-
-    return spec.kind == "sentence-transformers" and onnx_export.exportable(path)
 
 
 def _common_prefix(names: list[str]) -> str:

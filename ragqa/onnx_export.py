@@ -28,8 +28,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from ragqa import models
 from ragqa.errors import RagqaError, storage_error
-from ragqa.models import publish_dir
 
 ONNX_DIR = "onnx"
 ONNX_FILE = "model.onnx"
@@ -110,6 +110,7 @@ def _pipeline_module(model_dir: Path) -> Any:
     bidirectionally; its sliding layers see keys with |q - k| < sliding_window, its full layers every
     non-padding key, which is what transformers builds for `use_bidirectional_attention`.
     """
+    models.quiet_hf_libraries()
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -169,6 +170,34 @@ def export_onnx(model_dir: Path, sha256: str | None = None, opset: int = 18) -> 
     except OSError as exc:
         raise storage_error(exc, model_dir, "exporting to ONNX") or RagqaError(
             f"exporting {model_dir.name} to ONNX failed: {exc.strerror or exc}") from None
+
+
+def export_model(name: str, models_dir: Path) -> Path | None:
+    """Give a fetched sentence-transformers embedder of the registry its ONNX export (a no-op when current);
+    None if it has none.
+
+    Kept apart from `models.fetch` because it needs torch and minutes of CPU: `ragqa models fetch` / `setup`
+    call it, library callers that only want the weights do not pay for it. The runtime falls back to torch
+    without it.
+    """
+    spec = models.get_spec(name)
+    path = models.final_path(spec, models_dir)
+    if not _registry_exportable(spec, path):
+        return None
+    if not models.is_fetched(spec, models_dir):
+        raise RagqaError(f"model {name} is not fetched yet; run: ragqa models fetch {name}")
+    return export_onnx(path, sha256=spec.sha256)
+
+
+def export_due(name: str, models_dir: Path) -> bool:
+    """Whether `export_model` has work to do: an embedder it can export whose export is missing or stale."""
+    spec = models.get_spec(name)
+    path = models.final_path(spec, models_dir)
+    return _registry_exportable(spec, path) and export_status(path) is not None
+
+
+def _registry_exportable(spec: models.ModelSpec, path: Path) -> bool:
+    return spec.kind == "sentence-transformers" and exportable(path)
 
 
 def _externalize(model_path: Path, data_path: Path) -> None:
@@ -241,7 +270,7 @@ def _export(model_dir: Path, out: Path, sha256: str | None, opset: int) -> Path:
             "files": files,
         }
         (work / STAMP_FILE).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
-        return publish_dir(work, out)
+        return models.publish_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -271,8 +300,6 @@ def prestart(name: str, models_dir: Path, threads: int | None = None, runtime: s
     surfaces there, in the caller's thread, like an error of the normal load. For other runtimes, a missing
     model or a stale export it does nothing: the normal load reports those.
     """
-    from ragqa import models
-
     try:
         _, path, kind = models.resolve(name, models_dir, kind="embedder")
     except RagqaError:

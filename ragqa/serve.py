@@ -76,15 +76,16 @@ class QAService:
         finally:
             self.lock.release()
 
-    def stream(self, question: str, k: int | None = None) -> Iterator[str]:
-        """NDJSON lines: {"token": text} while the model writes, then {"answer": the ask --json object}.
+    def events(self, question: str, k: int | None = None) -> Iterator[tuple[str, Any]]:
+        """("token", text) while the model writes, then ("answer", the ask --json object).
 
-        The question is checked here, before the response starts, so bad input still gets a 4xx. It then
-        runs in a worker thread that feeds a queue, so the HTTP response streams while the lock is held;
-        when the client disconnects, the next token raises inside the pipeline and ends it.
+        The question is checked here, at the call, before the first event is asked for. The pipeline runs
+        in a worker thread that feeds a queue, so each token reaches the consumer as it comes while the lock
+        is held; an error in it is raised in the consumer's thread. When the consumer stops early (closes the
+        generator), the next token raises inside the pipeline and ends it.
         """
         question = check_question(question)
-        if self._waiting >= self.max_waiting:  # a 503 now, rather than an error line inside a 200 later
+        if self._waiting >= self.max_waiting:  # refused now, rather than from inside a started stream
             raise Busy(f"{self._waiting} requests are already waiting; try again later")
         pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
         gone = threading.Event()
@@ -99,14 +100,12 @@ class QAService:
                 pieces.put(("answer", self.ask(question, k=k, on_token=on_token)))
             except _Cancelled:
                 pass
-            except RagqaError as exc:
-                pieces.put(("error", str(exc)))
-            except Exception as exc:  # a bug: the client still gets one line, not a cut-off stream
-                pieces.put(("error", f"internal error: {type(exc).__name__}: {exc}"))
+            except BaseException as exc:  # noqa: BLE001 - raised again in the consumer's thread
+                pieces.put(("raise", exc))
             finally:
                 pieces.put(("end", None))
 
-        def lines() -> Iterator[str]:
+        def run() -> Iterator[tuple[str, Any]]:
             worker = threading.Thread(target=work, name="ragqa-stream", daemon=True)
             worker.start()
             try:
@@ -114,9 +113,27 @@ class QAService:
                     kind, value = pieces.get()
                     if kind == "end":
                         return
-                    yield json.dumps({kind: value}, ensure_ascii=False) + "\n"
+                    if kind == "raise":
+                        raise value
+                    yield kind, value
             finally:
                 gone.set()
+
+        return run()
+
+    def stream(self, question: str, k: int | None = None) -> Iterator[str]:
+        """NDJSON lines of `events`: {"token": text} while the model writes, then {"answer": the ask --json
+        object}; an error after the response has started is its last line, {"error": "..."}."""
+        events = self.events(question, k)  # bad input and a full queue fail here: a 4xx or 503, not a 200
+
+        def lines() -> Iterator[str]:
+            try:
+                for kind, value in events:
+                    yield json.dumps({kind: value}, ensure_ascii=False) + "\n"
+            except RagqaError as exc:
+                yield json.dumps({"error": str(exc)}, ensure_ascii=False) + "\n"
+            except Exception as exc:  # a bug: the client still gets one line, not a cut-off stream
+                yield json.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"}, ensure_ascii=False) + "\n"
 
         return lines()
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,17 +107,38 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
                     return
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} not ready after {timeout} s")
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not ready after {timeout} s; see {log}")
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    proc.terminate()
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a process `running_server` started, with all it started (its own process group): `sig`, then
+    SIGKILL if it is still there after 30 s. A no-op once it has exited, so a test may stop it early."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None,
+                   timeout: float = 600) -> Iterator[subprocess.Popen]:
+    """Start the server `cmd` (its output appended to `log`), wait until `ready_url` answers 200, yield the
+    process, and stop it on the way out, however the block ends."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+    try:
+        wait_for_http(ready_url, proc, log, timeout)
+        yield proc
+    finally:
+        stop_process(proc)
 
 
 LIGHT_EMBEDDER = "multilingual-e5-small"

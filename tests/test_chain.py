@@ -1,6 +1,7 @@
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -284,6 +285,21 @@ ZH_DOCS = [
     "杰文斯悖论指出，技术进步提高了资源使用效率，反而增加了资源的总消耗。",
     "专家混合模型把每个词元路由给少数专家。",
 ]
+
+
+def test_an_attributed_citation_stays_on_the_answers_last_line() -> None:
+    """The model answered without a citation and ended on blank lines: the citation ragqa adds follows the
+    last words, not the blank lines."""
+    from ragqa.ingest import Chunk
+    from ragqa.retrieve import Hit, Retrieval
+
+    qa = _qa_over(ZH_DOCS, FakeLLM(["杰文斯悖论指出，效率提高", "反而增加了资源的总消耗。", "\n", "\n"]))
+    chunk = Chunk("0", "f", 0, len(ZH_DOCS[0]), ZH_DOCS[0], "", 1, 1)
+    qa.retriever = SimpleNamespace(retrieve=lambda *a, **kw: Retrieval([Hit(chunk, 0.1)], 0.0, 0.0))
+    shown: list[str] = []
+    answer = qa.ask("杰文斯悖论是什么？", on_token=shown.append)
+    assert "".join(shown) == "杰文斯悖论指出，效率提高反而增加了资源的总消耗。 [1]"
+    assert answer.answer == "".join(shown) and [c["n"] for c in answer.citations] == [1]
 
 
 def test_english_question_over_chinese_documents_is_translated() -> None:

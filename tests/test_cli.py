@@ -70,3 +70,37 @@ def test_ask_streams_and_prints_sources(corpus_settings: Settings) -> None:
         assert Path(path).name in {p.name for p in (ROOT / "corpus").iterdir()}
         assert int(first) <= int(last or first)
     assert "first token" in proc.stderr
+
+
+SHARED_FLAGS = {"--k": "3", "--model": "m.gguf", "--index": "/tmp/idx", "--embedder": "emb", "--chat-format": "chatml",
+                "--gpu-layers": "-1", "--threads": "1", "--llm-url": "http://127.0.0.1:9/v1", "--llm-model": "name",
+                "--api-key-env": "KEY_VAR", "--chroma-url": "http://127.0.0.1:9"}
+
+
+@pytest.mark.parametrize("command", [["ask", "问题？"], ["chat"], ["eval", "suite.jsonl"], ["serve"]])
+def test_answering_commands_take_one_set_of_flags(command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """ask, chat, eval and serve take the same answering flags and hand every one of them to the settings."""
+    from typer.testing import CliRunner
+
+    from ragqa import cli
+
+    class Stop(Exception):
+        pass
+
+    seen: dict = {}
+
+    def capture(**flags: object) -> None:
+        seen.update(flags)
+        raise Stop
+
+    monkeypatch.setattr(cli, "settings_from", capture)
+    args = [x for pair in SHARED_FLAGS.items() for x in pair]
+    result = CliRunner().invoke(cli.app, [*command, *args])
+    assert isinstance(result.exception, Stop), result.output
+    assert seen["k"] == 3 and seen["gpu_layers"] == -1 and seen["threads"] == 1 and seen["index"] == Path("/tmp/idx")
+    for flag, value in SHARED_FLAGS.items():
+        assert str(seen[flag.removeprefix("--").replace("-", "_")]) == value
+    seen.clear()
+    with pytest.raises(Stop):
+        cli.ask("问题？")  # `ragqa setup` calls it from Python: every flag left out is None, for the settings to decide
+    assert seen["k"] is None and seen["llm_url"] is None and set(seen) >= {"model", "index", "chroma_url"}

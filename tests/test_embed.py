@@ -113,10 +113,8 @@ def _queries() -> list[str]:
 
 @pytest.fixture(scope="module")
 def onnx_models_dir(models_dir: Path) -> Path:
-    from ragqa import models
-
     try:
-        models.export_onnx(EMBEDDER, models_dir)  # a no-op once exported
+        onnx_export.export_model(EMBEDDER, models_dir)  # a no-op once exported
     except RagqaError as exc:
         pytest.fail(f"ONNX export failed: {exc}")
     return models_dir

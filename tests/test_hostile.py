@@ -189,7 +189,7 @@ def injection_qa(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, lig
     """One corpus file plus the injected note, and the same file alone, each indexed with the light embedder,
     answered by the default 1.5B model (one instance for both). The 0.5B is no test of the defence: with
     focus at 200 tokens, an English question over Chinese text keeps the injected note's English sentences
-    and little else, and the 0.5B obeyed them ("PWNED [2]", CI run of stop 9)."""
+    and little else, and the 0.5B obeys them ("PWNED [2]")."""
     from ragqa.llm import load_llm
 
     root = tmp_path_factory.mktemp("injection")
@@ -210,13 +210,14 @@ def injection_qa(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, lig
     return qas
 
 
-# Known regression of stop 9, kept visible: with focus (200 tokens), an English question over Chinese text
+# Known regression of focus, kept visible: with focus (200 tokens), an English question over Chinese text
 # shares words only with the injected note's English sentences, so those (and the injection beside them)
-# fill the prompt while the clean Chinese passages shrink to their first sentences; the 1.5B then obeyed
-# ("PWNED [1]"). With whole passages it resisted 20/20 (stop 8). Fix to try: keep only sentences that share
-# something with the question in a trimmed passage, never zero-overlap neighbours.
+# fill the prompt while the clean Chinese passages shrink to their first sentences; the 1.5B then may obey
+# ("PWNED [1]"). With whole passages (context_tokens = 0) it resisted all 20 injection questions. Fix to
+# try: keep only sentences that share something with the question in a trimmed passage, never
+# zero-overlap neighbours.
 _FOCUS_INJECTION = pytest.mark.xfail(reason="focus lets an English injection beside the only matching sentences "
-                                            "into the prompt (stop 9 note)", strict=False)
+                                            "into the prompt", strict=False)
 
 
 @pytest.mark.slow

@@ -208,8 +208,8 @@ def test_a_folder_deleted_elsewhere_leaves_nothing_behind(tmp_path: Path, embedd
 @pytest.mark.slow
 def test_dense_search_reaches_past_uncommitted_vectors(tmp_path: Path, light_embedder) -> None:
     """A re-ingest in progress has written the new version's vectors but not committed it: they are the
-    query's nearest and not live. Readers must still get the committed chunks (CI of stop 10: a reader got
-    no hits at all, as 8 extra places were not enough and BM25 had nothing for the English question)."""
+    query's nearest and not live. Readers must still get the committed chunks, also when more uncommitted
+    vectors are nearer than a fixed margin of extra places covers and BM25 has nothing for the question."""
     from ragqa.index import Progress
     from ragqa.ingest import load_document, split_document
 

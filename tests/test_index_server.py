@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,53 +26,34 @@ from ragqa.config import Settings
 from ragqa.errors import RagqaError
 from ragqa.index import Index, Progress
 
-from .conftest import ROOT, SMALL_MODEL, assert_one_line_error, make_settings, run_cli
+from .conftest import (
+    ROOT,
+    SMALL_MODEL,
+    assert_one_line_error,
+    free_port,
+    make_settings,
+    run_cli,
+    running_server,
+    stop_process,
+)
 
 CHROMA = Path(sys.executable).with_name("chroma")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@dataclass
 class ChromaServer:
-    """`chroma run --path DIR --port P` as a subprocess; `start` returns once the heartbeat answers."""
+    """A running `chroma run` on loopback: its port and URL, a chromadb client on it, and `stop` for the tests
+    that kill it mid-way (a no-op once stopped)."""
 
-    def __init__(self, path: Path, port: int | None = None) -> None:
-        self.path = path
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
+    port: int
+    proc: subprocess.Popen
 
-    def start(self) -> ChromaServer:
-        log = open(self.path.with_suffix(".log"), "ab")
-        self.proc = subprocess.Popen(
-            [str(CHROMA), "run", "--path", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/api/v2/heartbeat", timeout=2) as resp:
-                    if b"heartbeat" in resp.read():
-                        return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"chroma run did not come up on {self.url}; see {log.name}")
-            time.sleep(0.1)
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=20)
+        stop_process(self.proc, sig)
 
     def client(self):
         import chromadb
@@ -83,11 +63,19 @@ class ChromaServer:
                                    settings=ChromaSettings(anonymized_telemetry=False))
 
 
+@contextmanager
+def chroma_server(path: Path) -> Iterator[ChromaServer]:
+    """`chroma run --path DIR` on a free port, ready once its heartbeat answers; stopped at the end."""
+    port = free_port()
+    cmd = [str(CHROMA), "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)]
+    with running_server(cmd, f"http://127.0.0.1:{port}/api/v2/heartbeat", path.with_suffix(".log"), timeout=60) as proc:
+        yield ChromaServer(port, proc)
+
+
 @pytest.fixture(scope="module")
 def chroma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaServer]:
-    server = ChromaServer(tmp_path_factory.mktemp("chroma-server") / "db").start()
-    yield server
-    server.stop()
+    with chroma_server(tmp_path_factory.mktemp("chroma-server") / "db") as server:
+        yield server
 
 
 def _docs(root: Path) -> Path:
@@ -206,8 +194,7 @@ def test_two_indexes_on_one_server_do_not_clash(tmp_path: Path, chroma: ChromaSe
 
 @pytest.mark.slow
 def test_server_killed_mid_ingest_keeps_the_previous_index(tmp_path: Path, embedder) -> None:
-    server = ChromaServer(tmp_path / "db").start()
-    try:
+    with chroma_server(tmp_path / "db") as server:
         docs = _docs(tmp_path)
         settings = _settings(tmp_path, server.url, embed_batch_size=2)
         idx = Index(settings, embedder=embedder)
@@ -223,12 +210,9 @@ def test_server_killed_mid_ingest_keeps_the_previous_index(tmp_path: Path, embed
         with pytest.raises(RagqaError, match=f"cannot reach the Chroma server at {server.url}"):
             idx.ingest([docs], progress=Progress(chunks=kill_after_first_batch))
         assert _live(idx) == {"a.txt": before}  # the committed state is the old one, whole
-    finally:
-        server.stop()
 
     # The same data on a new port: the collection name lives in the state, not in the URL.
-    server = ChromaServer(tmp_path / "db").start()
-    try:
+    with chroma_server(tmp_path / "db") as server:
         idx = Index(settings.replace(chroma_url=server.url), embedder=embedder)
         assert server.client().get_collection(idx._collection_name()).count() > before  # orphans of the kill
         hits = idx.dense_search(embedder.embed_query("experts"), 5)
@@ -237,8 +221,6 @@ def test_server_killed_mid_ingest_keeps_the_previous_index(tmp_path: Path, embed
         assert report.files_added == 1 and report.files_unchanged == 1
         assert sorted(set(_server_sources(server, idx))) == ["a.txt", "b.md"]
         assert len(_server_sources(server, idx)) == report.chunks_total  # orphans collected
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow
@@ -336,15 +318,14 @@ def test_token_is_sent_on_every_request(tmp_path: Path, chroma: ChromaServer, au
 # ---- the CLI end to end: eval (which ingests corpus/), ask, ingest, a server that went away --------------------
 @pytest.mark.slow
 def test_cli_eval_ingest_and_ask_against_a_server(tmp_path: Path, models_dir: Path) -> None:
-    server = ChromaServer(tmp_path / "db").start()
     idx = tmp_path / "idx"
     # One corpus file (the one the first two eval questions are about) keeps the embedding short.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     shutil.copy(ROOT / "corpus" / "000_f5fd2a6a8ad6d922.txt", corpus)
     env = {"RAGQA_MODELS": str(models_dir), "RAGQA_CORPUS": str(corpus), "RAGQA_HOME": str(tmp_path / "home")}
-    common = ["--index", str(idx), "--chroma-url", server.url]
-    try:
+    with chroma_server(tmp_path / "db") as server:
+        common = ["--index", str(idx), "--chroma-url", server.url]
         ev = run_cli("eval", str(ROOT / "evals" / "corpus_qa.jsonl"), "--limit", "2", "--retrieval-only",
                      "--out", str(tmp_path / "run"), *common, env=env)
         assert ev.returncode == 0, ev.stderr
@@ -368,8 +349,6 @@ def test_cli_eval_ingest_and_ask_against_a_server(tmp_path: Path, models_dir: Pa
 
         wrong = run_cli("ask", question, "--embedder", "multilingual-e5-small", *common, env=env)
         assert_one_line_error(wrong, "built with embedder 'embeddinggemma-300m'")
-    finally:
-        server.stop()
     down = run_cli("ask", "When was the turning point of AI?", "--json", "--model", SMALL_MODEL, *common, env=env,
                    timeout=120)
     assert_one_line_error(down, f"cannot reach the Chroma server at {server.url}")

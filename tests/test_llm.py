@@ -1,7 +1,6 @@
 import json
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -16,16 +15,7 @@ from ragqa.config import Settings
 from ragqa.errors import RagqaError
 from ragqa.llm import RETRY_DELAYS, LlamaCppChat, OpenAIChat, estimate_tokens, gguf_metadata, model_params
 
-from .conftest import (
-    ROOT,
-    SMALL_MODEL,
-    assert_one_line_error,
-    free_port,
-    make_settings,
-    run_cli,
-    stop_process,
-    wait_for_http,
-)
+from .conftest import ROOT, SMALL_MODEL, assert_one_line_error, free_port, make_settings, run_cli, running_server
 
 
 def _tiny_gguf(path: Path, arch: str) -> Path:
@@ -359,19 +349,12 @@ def llama_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
     gguf = models.final_path(models.REGISTRY[SMALL_MODEL], models_dir)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", SMALL_MODEL,
-             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "2",
-             "--n_batch", "512", "--verbose", "False"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", SMALL_MODEL,
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--n_batch", "512",
+           "--verbose", "False"]
     url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_for_http(url + "/models", proc, log)
+    with running_server(cmd, url + "/models", log):
         yield url
-    finally:
-        stop_process(proc)
 
 
 @pytest.mark.slow

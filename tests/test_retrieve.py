@@ -164,7 +164,7 @@ def test_focused_context_keeps_the_evidence_of_real_questions(small_qa) -> None:
         assert sum(small_qa.llm.count_tokens(h.prompt_text) for h in out) <= budget + 8 * len(out)
         kept += any(q[:12] in " ".join(h.prompt_text for h in out) for q in quotes)
     # Focus keeps ~2 passages' worth: on the whole eval, 0.794 of the evidence is in the prompt against 0.969
-    # retrieved (README, Performance); here 10 of 12 questions keep theirs. Below 3 in 4 is a regression.
+    # retrieved (evals/RESULTS.md); here 10 of 12 questions keep theirs. Below 3 in 4 is a regression.
     assert found >= 6 and kept >= 0.75 * found, (kept, found)
 
 

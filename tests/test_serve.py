@@ -1,7 +1,5 @@
 import json
-import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -17,7 +15,7 @@ from ragqa.chain import Answer
 from ragqa.config import Settings
 from ragqa.serve import Busy, QAService, create_app
 
-from .conftest import assert_one_line_error, free_port, make_settings, run_cli, stop_process, wait_for_http
+from .conftest import assert_one_line_error, free_port, make_settings, run_cli, running_server
 
 
 class FakeQA:
@@ -100,6 +98,24 @@ def test_api_shapes_and_bad_input() -> None:
     assert client.get("/README.md").status_code == 404 and client.get("/docs").status_code == 404
 
 
+def test_an_error_mid_stream_is_the_streams_last_line() -> None:
+    from ragqa.errors import RagqaError
+
+    class Failing(FakeQA):
+        def ask(self, question: str, k: int | None = None, on_token: Any = None) -> Answer:
+            on_token("部分")
+            raise RagqaError("the model server stopped mid-answer")
+
+    service = QAService(Failing())  # type: ignore[arg-type]
+    lines = [json.loads(line) for line in service.stream("是什么？")]
+    assert lines == [{"token": "部分"}, {"error": "the model server stopped mid-answer"}]
+    events = service.events("是什么？")
+    assert next(events) == ("token", "部分")
+    with pytest.raises(RagqaError, match="stopped mid-answer"):
+        next(events)  # outside HTTP the error is raised, in the consumer's thread
+    assert not service.lock.locked()
+
+
 def test_serve_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -125,17 +141,10 @@ def server(corpus_settings: Settings, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
            "RAGQA_MODEL": corpus_settings.model, "RAGQA_MAX_TOKENS": "48"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from ragqa.cli import main; main()", "serve", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url + "/health", proc, log)
+    with running_server([sys.executable, "-c", "from ragqa.cli import main; main()", "serve", "--port", str(port)],
+                        url + "/health", log, env=env):
         yield url
-    finally:
-        stop_process(proc)
     assert "Traceback" not in log.read_text(encoding="utf-8"), log.read_text(encoding="utf-8")
 
 

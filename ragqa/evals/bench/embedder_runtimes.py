@@ -1,18 +1,14 @@
-"""Measure the EmbeddingGemma runtimes: torch (sentence-transformers) vs ONNX Runtime fp32.
+"""The EmbeddingGemma runtimes side by side: torch (sentence-transformers) vs ONNX Runtime fp32.
+
+Not one of `ragqa bench`'s benchmarks (it needs torch, and it measures a choice ragqa has already made): run it
+by hand from the repository root, alone on the machine, when the embedder or its runtimes change:
+
+    python -m ragqa.evals.bench.embedder_runtimes [--skip-warm]
 
 Cold: a fresh interpreter per runtime, from process start to the first query vector, split into imports,
 model load and first query. Warm: docs/s over ragqa's own split of corpus/ (same batch size, both sort by
-length) and one-query latency. Run it alone on the machine (under the CPU lock):
-
-    HF_HUB_OFFLINE=1 PYTHONPATH=. flock /tmp/ragqa-cpu.lock python evals/bench_onnx.py [--skip-warm]
-
-Measured 2026-11-26 on the 2-core dev machine (n_threads=2, batch 16, 456 chunks):
-  cold, fresh process to first query vector (2nd run, warm page cache): torch 10.06 s (imports 6.10, load 2.38,
-  first query 0.14) vs ONNX 5.62 s (imports 0.42, load 4.73, first query 0.04);
-  warm: torch 2.53 docs/s, query 127 ms median; ONNX 4.10 docs/s, query 53 ms median;
-  vectors: max abs diff 5.9e-07, min cosine 0.9999994 over all 456 chunks.
-ONNX load breaks down as tokenizer.json 1.2 s + session creation with ORT_ENABLE_ALL 4.9 s (2.2 s when an
-optimized model saved at export time is loaded with optimizations off): the next thing to cut.
+length) and one-query latency; then the largest difference between the two runtimes' vectors. Figures
+measured with it are in evals/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path.cwd()  # the repository root: corpus/ and evals/ are read from it, as `ragqa bench` does
 EMBEDDER = "embeddinggemma-300m"
 
 COLD = r"""
@@ -91,6 +87,8 @@ def warm(runtime: str, texts: list[str], queries: list[str]) -> dict[str, float]
 
 
 def main() -> None:
+    if not (ROOT / "corpus").is_dir():
+        sys.exit("run it from the repository root (corpus/ and evals/ are read from there)")
     for runtime in ("torch", "onnx", "torch", "onnx"):  # twice: the second of each has a warm page cache
         print(json.dumps({"cold": cold(runtime)}), flush=True)
     if "--skip-warm" in sys.argv:
