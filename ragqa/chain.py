@@ -495,6 +495,8 @@ class QA:
             return None
         lang = question_language(question)
         target = "en" if lang == "zh" else "zh"
+        if lang == "en" and not re.search(r"[A-Za-z]{2}", question):
+            return None  # no words to translate (digits, symbols, another script the prompts do not cover)
         if self.languages().get(target, 0.0) < 0.3:
             return None
         messages: list[Message] = [
@@ -552,7 +554,7 @@ class QA:
         t0 = time.perf_counter()
         standalone = self.condense(question, history or []) if history else question
         t_translate = time.perf_counter()
-        translated = self.translate(standalone)
+        translated = None if retrieval_only else self.translate(standalone)  # retrieval-only runs no model
         translate_ms = (time.perf_counter() - t_translate) * 1000
         retrieval = self.retriever.retrieve(standalone, k=k or self.settings.k, also=[translated] if translated else [])
         retrieve_ms = (time.perf_counter() - t0) * 1000 - translate_ms
@@ -567,8 +569,7 @@ class QA:
         }
         if retrieval_only:
             timings["total_ms"] = timings["retrieve_ms"]
-            return Answer(question, None, None, [], [h.as_dict() for h in hits], None, timings, standalone, [],
-                          translated=translated)
+            return Answer(question, None, None, [], [h.as_dict() for h in hits], None, timings, standalone, hits)
 
         found = [h.as_dict() for h in hits]
         t_focus = time.perf_counter()

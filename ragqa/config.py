@@ -38,7 +38,7 @@ class Settings:
     chunk_size: int = 400
     chunk_overlap: int = 80
     k: int = 5
-    context_tokens: int = 200  # passage tokens in the prompt: sentences chosen to fill it; 0 = whole passages
+    context_tokens: int = 300  # passage tokens in the prompt: sentences chosen to fill it; 0 = whole passages
     # A question in another language than the documents is also put into theirs by the model (a short
     # call): retrieval searches both forms, focus scores sentences against both, the prompt shows both.
     translate_query: bool = True
