@@ -459,7 +459,7 @@ class QA:
         if self.settings.context_tokens > 0 and not self.baseline:
             embed = self._embed_sentences if self.settings.focus_embed else None
             hits = focus(question, hits, self.settings.context_tokens, llm.count_tokens, vector, embed,
-                         split_chars=self.settings.focus_split_chars, spread=self.settings.focus_spread)
+                         split_chars=self.settings.focus_split_chars)
         fixed = SYSTEM_PROMPT + max(USER_PROMPT.values(), key=len)
         budget = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + question) - 32
         kept: list[Hit] = []

@@ -43,7 +43,6 @@ class Settings:
     # call): retrieval searches both forms, focus scores sentences against both, the prompt shows both.
     translate_query: bool = True
     focus_split_chars: int = 80  # focus cuts sentences longer than this at commas or spaces; 0 = never
-    focus_spread: bool = False  # focus takes every passage's best sentence first (retrieve.focus)
     focus_embed: bool = False  # also score sentences by embedding similarity (cross-lingual, ~2.5 s a question)
     fetch_k: int = 20
     rrf_k: int = 60

@@ -233,10 +233,9 @@ def focus(
     query_vector: Sequence[float] | None = None,
     embed: Callable[[list[str]], list[list[float]]] | None = None,
     split_chars: int = MAX_UNIT_CHARS,
-    spread: bool = False,
 ) -> list[Hit]:
     """Fit the passages' text into `budget` tokens: the best passages whole, then the best sentences of the
-    next ones; or, with `spread`, the best sentence of every passage first.
+    next ones.
 
     Passages go in rank order; one that fits the room left is kept whole (a passage's sentences explain
     each other: lists, the subject of a figure). The first that does not fit keeps its most relevant
@@ -245,11 +244,6 @@ def focus(
     given, its cosine similarity to the question (cross-lingual, but ~0.1 s per sentence with
     EmbeddingGemma on 2 cores: too slow for the default). Citation numbers stay per passage; passages left
     with no sentence are dropped. When everything fits, the hits come back unchanged.
-
-    `spread` exists because retrieval's second to fifth passages hold the evidence as often as its first:
-    on the eval's tune part, focus kept whole-first only 2 of 5 passages on most questions and cut 45 of
-    the 150 quotes retrieval had found, 42 of them from passages ranked 2-5. Spread takes each passage's
-    best sentence in rank order, then the best of the rest, with their neighbours, while they fit.
     """
     units: list[_Sentence] = []
     for i, hit in enumerate(hits):
@@ -288,18 +282,7 @@ def focus(
     by_hit: list[list[_Sentence]] = [[] for _ in hits]
     for u in units:
         by_hit[u.hit].append(u)
-    if spread:
-        by_pos_all = {(u.hit, u.pos): u for u in units}
-        for own in by_hit:  # each passage's best sentence, in rank order (ties: the passage's first)
-            for u in sorted(own, key=lambda u: -u.score):
-                if take(u):
-                    break
-        for u in sorted(units, key=lambda u: (-u.score, u.hit, u.pos)):  # then the best of the rest
-            if take(u):
-                for near in (by_pos_all.get((u.hit, u.pos - 1)), by_pos_all.get((u.hit, u.pos + 1))):
-                    if near is not None:
-                        take(near)
-    for own in [] if spread else by_hit:
+    for own in by_hit:
         if used + sum(u.tokens for u in own) <= budget:
             for u in own:
                 take(u)

@@ -362,3 +362,9 @@ def test_a_refusal_names_what_the_documents_hold_nearby() -> None:
     assert nearby(hits, "zh") == "相关内容见：「3.1 廉价诱导需求」、「专家混合」。"
     assert nearby(hits, "en") == " Nearby, they discuss: “3.1 廉价诱导需求”; “专家混合”."
     assert nearby([], "en") == ""
+
+
+def test_a_question_without_words_is_not_sent_for_translation() -> None:
+    llm = FakeLLM(["unused"])
+    assert _qa_over(ZH_DOCS, llm).translate("🙂🔥 1234 ？") is None
+    assert llm.seen == []

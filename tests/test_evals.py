@@ -991,3 +991,20 @@ def test_key_facts_with_a_magnitude_match_across_languages() -> None:
     assert missing_key_facts("1.5 billion parameters", ["1.5"]) == []  # a bare number matches as written
     assert missing_key_facts("800 million", ["80亿"]) == ["80亿"]
     assert missing_key_facts("两三个亿美金", ["两三个亿"]) == []  # 两三 is a range, not 23
+
+
+def test_refusal_sweep_from_the_first_token_probabilities() -> None:
+    from ragqa.evals.metrics import refusal_sweep
+
+    def s(answerable: bool, p: float, refused: bool = False, ok: bool = True) -> dict[str, Any]:
+        return {"answerable": answerable, "refusal_p": p, "refused": refused, "key_facts_ok": ok}
+
+    scores = [s(True, 0.1), s(True, 0.45), s(True, 0.7, ok=False), s(False, 0.3), s(False, 0.8),
+              s(True, 0.05, refused=True)]  # refused in words: refused at every threshold
+    rows = {round(r["threshold"], 2): r for r in refusal_sweep(scores, run_threshold=1.01)}
+    assert rows[0.5]["counts"] == {"negative_rejection": [1, 2], "false_refusal": [2, 4],
+                                   "key_fact_accuracy": [2, 4]}
+    assert rows[0.25]["counts"]["negative_rejection"] == [2, 2] and rows[0.25]["false_refusal"] == 0.75
+    # Above a run's own threshold the questions it refused have no answer to score.
+    capped = {round(r["threshold"], 2): r for r in refusal_sweep(scores, run_threshold=0.5)}
+    assert capped[0.9]["key_fact_accuracy"] is None and capped[0.45]["key_fact_accuracy"] is not None

@@ -432,3 +432,21 @@ def test_openai_backend_never_touches_tiktoken(scripted, monkeypatch: pytest.Mon
     server = scripted({"GET /v1/models": [MODELS], "POST /v1/chat/completions": [reply_sse(["好"])]})
     llm = openai_chat(server.url)
     assert llm.count_tokens("杰文斯悖论") == 5 and list(llm.stream([{"role": "user", "content": "q"}], 4)) == ["好"]
+
+
+def test_refusal_gate_measures_forces_and_bans_the_sentinel_on_the_first_token_only() -> None:
+    import numpy as np
+
+    from ragqa.llm import RefusalGate
+
+    scores = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))  # tokens 1 and 3 start the sentinel
+    measure = RefusalGate(None)
+    assert np.array_equal(measure.processor([1, 3])(None, scores), scores) and measure.p == pytest.approx(0.35)
+    forced = RefusalGate(0.3)
+    out = forced.processor([1, 3])(None, scores)
+    assert int(np.argmax(out)) == 1 and np.isinf(out[[0, 2, 3]]).all()  # at the threshold: refuse
+    banned = RefusalGate(0.4)
+    apply = banned.processor([1, 3])
+    out = apply(None, scores)
+    assert int(np.argmax(out)) == 0 and np.isinf(out[[1, 3]]).all()  # below it: answer
+    assert np.array_equal(apply(None, scores), scores)  # later tokens are left alone

@@ -191,17 +191,3 @@ def test_the_translated_form_of_a_question_joins_the_fusion(small_qa) -> None:
     assert "杰文斯" in both.hits[0].chunk.text and both.hits[0].bm25_rank is not None
     assert sum("杰文斯" in h.chunk.text for h in both.hits) >= sum("杰文斯" in h.chunk.text for h in alone.hits)
 
-
-def test_focus_spread_gives_every_passage_its_best_sentence_first() -> None:
-    filler = "这里是一段与问题无关的背景描述文字。"
-    hits = [
-        _hit(0, filler * 6 + "杰文斯悖论指效率提高反而增加资源消耗。"),
-        _hit(1, filler * 2 + "杰文斯在1865年提出了这个悖论。" + filler * 2),
-        _hit(2, filler + "煤炭消耗随效率上升，杰文斯悖论。"),
-    ]
-    whole_first = focus("杰文斯悖论是谁提出的？", hits, budget=60, count_tokens=len)
-    spread = focus("杰文斯悖论是谁提出的？", hits, budget=60, count_tokens=len, spread=True)
-    assert [h.chunk.id for h in whole_first] == ["c0"]  # the first passage takes the whole budget
-    assert [h.chunk.id for h in spread] == ["c0", "c1", "c2"]  # each passage keeps its best sentence
-    assert "1865" in spread[1].prompt_text and "杰文斯悖论指效率" in spread[0].prompt_text
-    assert sum(len(h.prompt_text.replace("…", "")) for h in spread) <= 60
