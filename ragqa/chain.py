@@ -360,20 +360,25 @@ def attribute(answer: str, hits: list[Hit], threshold: float = 0.3) -> int | Non
     return best if best_score >= threshold else None
 
 
-def context_entry(n: int, hit: Hit) -> dict[str, Any]:
-    """Passage [n] as the model saw it: its chunk's place, and the text given (focus may have cut it)."""
+def passage_entry(n: int, hit: Hit, text: str) -> dict[str, Any]:
+    """Passage [n]'s place in its file, with `text`: the whole chunk for a citation, what the model saw for
+    the context."""
     c = hit.chunk
     return {
         "n": n,
         "source": c.source,
         "start": c.start,
         "end": c.end,
-        "text": hit.prompt_text,
+        "text": text,
         "lines": [c.start_line, c.end_line],
         "page": c.page,
         "heading": c.heading,
-        "focused": hit.context is not None,
     }
+
+
+def context_entry(n: int, hit: Hit) -> dict[str, Any]:
+    """Passage [n] as the model saw it: focus may have cut it to some sentences (`focused`)."""
+    return {**passage_entry(n, hit, hit.prompt_text), "focused": hit.context is not None}
 
 
 class _Background:
@@ -649,7 +654,7 @@ class QA:
         timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         timings["prompt_tokens"] = usage.get("prompt_tokens")
         timings["completion_tokens"] = usage.get("completion_tokens")
-        citations = [] if refused else [self._citation(n, hits[n - 1]) for n in filt.cited]
+        citations = [] if refused else [passage_entry(n, hits[n - 1], hits[n - 1].chunk.text) for n in filt.cited]
         grounding = None if refused else [m.as_dict() for m in ground(answer, [h.prompt_text for h in hits])]
         return Answer(
             question=question,
@@ -666,18 +671,3 @@ class QA:
             grounding=grounding,
             refusal_p=round(gate.p, 4) if gate is not None and gate.p is not None else None,
         )
-
-    @staticmethod
-    def _citation(n: int, hit: Hit) -> dict[str, Any]:
-        c = hit.chunk
-        return {
-            "n": n,
-            "source": c.source,
-            "start": c.start,
-            "end": c.end,
-            "text": c.text,
-            "lines": [c.start_line, c.end_line],
-            "page": c.page,
-            "heading": c.heading,
-        }
-

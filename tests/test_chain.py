@@ -213,7 +213,10 @@ def test_paged_sources_are_cited_by_page_and_others_by_line() -> None:
     pdf = Hit(Chunk("id", "/x/report.pdf", 0, 5, "青岚湖水深四十七米", "湖泊数据", 3, 3, page=2), 0.1)
     prompt = build_messages("青岚湖有多深？", [pdf])[1]["content"]
     assert "[1] (report.pdf p.2 · 湖泊数据)" in prompt
-    assert pdf.as_dict()["page"] == 2 and QA._citation(1, pdf)["page"] == 2
+    from ragqa.chain import context_entry, passage_entry
+
+    assert pdf.as_dict()["page"] == 2 and passage_entry(1, pdf, pdf.chunk.text)["page"] == 2
+    assert context_entry(1, pdf)["page"] == 2 and context_entry(1, pdf)["focused"] is False
 
 
 def test_background_call_hands_over_its_value_or_its_error() -> None:

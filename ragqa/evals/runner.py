@@ -301,20 +301,15 @@ def run_suite(
 def print_summary(summary: dict[str, Any], console: Console) -> None:
     """The metric table with a column per group, so language and type gaps are visible at a glance."""
     columns = summary_columns(summary)
-    table = Table(title=f"ragqa eval — {summary['n']} questions", title_style="bold")
-    table.add_column("metric", style="bold")
-    for label, _group in columns:
-        table.add_column(label, justify="right")
-    for label, cells in summary_rows(summary, columns):
-        table.add_row(label, *cells)
-    console.print(table)
-    funnel = Table(title="where each question ended (funnel)", title_style="bold")
-    funnel.add_column("stage", style="bold")
-    for label, _group in columns:
-        funnel.add_column(label, justify="right")
-    for label, cells in funnel_rows(summary, columns):
-        funnel.add_row(label, *cells)
-    console.print(funnel)
+    for title, first, rows in ((f"ragqa eval — {summary['n']} questions", "metric", summary_rows(summary, columns)),
+                               ("where each question ended (funnel)", "stage", funnel_rows(summary, columns))):
+        table = Table(title=title, title_style="bold")
+        table.add_column(first, style="bold")
+        for label, _group in columns:
+            table.add_column(label, justify="right")
+        for label, cells in rows:
+            table.add_row(label, *cells)
+        console.print(table)
     overall = Table(title="overall, with 95% intervals (Wilson)", title_style="bold")
     for col in ("metric", "rate k/n", "95% interval"):
         first = col == "metric"
