@@ -73,9 +73,6 @@ Answer the question using only the documents above. Rules:
 Question: {{question}}
 Answer (in English):""",
 }
-# Where the question was also put into the documents' language, the prompt shows that form too: the
-# passages' own words, which a small model matches far better than a translation it must make itself.
-
 TRANSLATE_PROMPT = "You translate questions for a document search. Output only the translation, on one line."
 TRANSLATE_USER = {
     "zh": "Translate this question into Simplified Chinese. Keep names, numbers and technical terms written in "
@@ -236,6 +233,9 @@ def format_passages(hits: list[Hit]) -> str:
 
 
 def build_messages(question: str, hits: list[Hit], translated: str | None = None) -> list[Message]:
+    """The answer prompt. Where the question was also put into the documents' language (`translated`), the
+    prompt shows that form beside it: the passages' own words, which a small model matches better than a
+    translation it would have to make itself while answering."""
     lang = question_language(question)
     shown = question
     if translated:
@@ -327,7 +327,7 @@ def nearby(hits: list[Hit], lang: str, most: int = 2) -> str:
     words) of the best passages, so "not in the documents" still points the reader somewhere."""
     names: list[str] = []
     for hit in hits:
-        name = (hit.chunk.heading or hit.chunk.text.strip().splitlines()[0][:24]).strip(" #")
+        name = (hit.chunk.heading or (hit.chunk.text.strip().splitlines() or [""])[0][:24]).strip(" #")
         if name and name not in names:
             names.append(name)
         if len(names) == most:
