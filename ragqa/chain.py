@@ -278,6 +278,9 @@ def first_line(stream: Iterator[str]) -> str:
 def looks_like_translation(text: str, question: str, target: str) -> bool:
     """A small model sometimes answers, explains or echoes instead of translating: keep only a line in the
     target language of about the question's length."""
+    asks = question.rstrip().endswith(("?", "？"))
+    if asks and not text.rstrip().endswith(("?", "？")):
+        return False  # a question translated stays a question; "X was built in 1960." is an answer
     return bool(text) and question_language(text) == target and len(text) <= 3 * len(question) + 20
 
 

@@ -328,6 +328,7 @@ def test_a_reply_that_is_not_a_translation_is_dropped() -> None:
     qa = _qa_over(ZH_DOCS, FakeLLM(["The Jevons paradox says that efficiency raises consumption."]))
     assert qa.translate("What is the Jevons paradox?") is None
     assert _qa_over(ZH_DOCS, FakeLLM([""])).translate("What is the Jevons paradox?") is None
+    assert _qa_over(ZH_DOCS, FakeLLM(["杰文斯悖论是1865年提出的。"])).translate("What is the Jevons paradox?") is None
 
 
 def test_chinese_question_over_english_documents_is_translated() -> None:
