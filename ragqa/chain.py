@@ -524,8 +524,7 @@ class QA:
             {"role": "system", "content": REWRITE_PROMPT},
             {"role": "user", "content": f"Conversation: {convo}\nFollow-up: {question}\nStandalone question:"},
         ]
-        lines = "".join(self.llm.stream(messages, max_tokens=64)).strip().splitlines()
-        rewritten = lines[0].strip().strip('"“”') if lines else ""
+        rewritten = first_line(self.llm.stream(messages, max_tokens=64)).strip('"“”')
         if looks_like_rewrite(rewritten, question):
             return rewritten
         # Fallback that still retrieves well: the previous question gives the follow-up its subject.
