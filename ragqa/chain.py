@@ -153,6 +153,60 @@ class Answer:
         return out
 
 
+# Lines that begin the prompt's own text: a small model that has quoted passage [1] word for word sometimes
+# keeps copying, through "[2] (heading)", "</documents>" and the rules (seen with the 1.5B at temperature 0 on
+# an AVX-512 host, 2026-12-02: 386 tokens where the answer was the first 90). Nothing after such a line is
+# an answer, so the stream stops there.
+_ECHO_MARKERS = ("<documents>", "</documents>", "以下是编号的参考资料", "请只根据上面的资料",
+                 "Numbered reference documents", "Answer the question using only the documents")
+_ECHO_HEADER = re.compile(r"\[\d+\] \(")
+_ECHO_HEADER_PREFIX = re.compile(r"\[(\d+(\](\s)?)?)?")
+
+
+class EchoGuard:
+    """Passes a streamed reply through until a line starts to repeat the prompt (a passage header, the
+    documents fence, the rules), then reports the stop. A line that could still become such a start is held
+    back, so the user never sees half a header."""
+
+    def __init__(self) -> None:
+        self.line = ""  # the held start of the current line
+        self.at_line_start = True
+        self.stopped = False
+
+    def _could_be(self, text: str) -> bool:
+        return bool(_ECHO_HEADER_PREFIX.fullmatch(text)) or any(m.startswith(text) for m in _ECHO_MARKERS)
+
+    def _is(self, text: str) -> bool:
+        return bool(_ECHO_HEADER.match(text)) or any(text.startswith(m) for m in _ECHO_MARKERS)
+
+    def feed(self, piece: str) -> str:
+        """The part of `piece` that is safe to pass on; after a stop, nothing (see `stopped`)."""
+        out = ""
+        for ch in piece:
+            if self.stopped:
+                break
+            if not self.at_line_start:
+                out += ch
+                self.at_line_start = ch == "\n"
+                continue
+            if ch == "\n" and not self.line:
+                out += ch
+                continue
+            self.line += ch
+            stripped = self.line.lstrip()
+            if not stripped:
+                continue
+            if self._is(stripped):
+                self.stopped, self.line = True, ""
+            elif not self._could_be(stripped):
+                out, self.line, self.at_line_start = out + self.line, "", ch == "\n"
+        return out
+
+    def flush(self) -> str:
+        rest, self.line = ("" if self.stopped else self.line), ""
+        return rest
+
+
 class CitationFilter:
     """Streams text through, holding back `[...]` markers until they can be checked against the passages.
 
@@ -618,12 +672,20 @@ class QA:
         gate = RefusalGate(self.settings.refusal_threshold) if getattr(self.llm, "refusal_gate", False) else None
         extra: dict[str, Any] = {"gate": gate, "sentinel": SENTINEL} if gate and not self.baseline else {}
         stream = self.llm.stream(messages, max_tokens=self.settings.max_tokens, **extra)
+        echo = EchoGuard()
         for piece in stream:
             if timings["ttft_ms"] is None:
                 timings["ttft_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            piece = echo.feed(piece)
+            if echo.stopped and not piece:
+                break
+            if not piece:
+                continue
             raw.append(piece)
             if not held:
                 emit(filt.feed(piece))
+                if echo.stopped:
+                    break
                 continue
             so_far = "".join(raw).lstrip()
             if so_far.startswith(SENTINEL):
@@ -632,8 +694,15 @@ class QA:
                 continue  # could still become the sentinel
             held = False
             emit(filt.feed(so_far))
+            if echo.stopped:
+                break
         if hasattr(stream, "close"):
             stream.close()  # after an early stop, let the backend record this call's usage
+        tail = echo.flush()  # a line start held back when the reply ended
+        if tail:
+            raw.append(tail)
+            if not held:
+                emit(filt.feed(tail))
         text = "".join(raw).strip()
         if held and not text.startswith(SENTINEL):
             emit(filt.feed(text))  # the model stopped while its reply could still have been the sentinel

@@ -150,7 +150,8 @@ def test_bench_ttft_restores_the_saved_system_prompt_each_fresh_process(corpus_s
                    env={"RAGQA_HOME": str(tmp_path / "home"), "RAGQA_MODELS": str(corpus_settings.models_dir)})
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "ttft.json").read_text(encoding="utf-8"))
-    assert res["questions"] == 3 and res["prompt_cache"] is True and res["context_tokens"] == 200
+    assert res["questions"] == 3 and res["prompt_cache"] is True
+    assert res["context_tokens"] == Settings().context_tokens  # the default budget, whatever it is
     for row in res["per_question"]:
         assert 20 < row["cached_tokens"] < row["prompt_tokens"]
     assert res["evaluated_tokens_mean"] < res["prompt_tokens_mean"]

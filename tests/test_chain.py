@@ -10,6 +10,7 @@ from ragqa.chain import (
     REFUSAL,
     SENTINEL,
     CitationFilter,
+    EchoGuard,
     build_messages,
     check_question,
     is_refusal,
@@ -20,6 +21,28 @@ from ragqa.errors import RagqaError
 from ragqa.index import Index
 
 from .conftest import DEFAULT_MODEL, assert_one_line_error, run_cli
+
+
+def guarded(pieces: list[str]) -> tuple[str, bool]:
+    guard = EchoGuard()
+    out = ""
+    for p in pieces:
+        out += guard.feed(p)
+        if guard.stopped:
+            break
+    return out + guard.flush(), guard.stopped
+
+
+def test_echo_guard_stops_where_the_reply_starts_copying_the_prompt() -> None:
+    # The 1.5B's reply on an AVX-512 host: the answer, then passage [2]'s header and text, then the fence.
+    answer = "杰文斯悖论是经济学现象 [1]。\n\n"
+    assert guarded([answer, "[2", "] (5.1", " 职业变迁)\n5.1 职业变迁\n", "</documents>"]) == (answer, True)
+    assert guarded(["A fact [1].\n", "</docu", "ments>\n\nAnswer the question"]) == ("A fact [1].\n", True)
+    assert guarded(["答案 [1]\n请只根据上面的资料回答问题。"]) == ("答案 [1]\n", True)
+    # Lines that only look like a start for a few characters pass whole, in order, and nothing is lost.
+    assert guarded(["[1] 杰文斯悖论", "\n[2]", " 第二点"]) == ("[1] 杰文斯悖论\n[2] 第二点", False)
+    assert guarded(["Numbers: 4\n", "N", "OT_IN", "_DOCUMENTS"]) == ("Numbers: 4\nNOT_IN_DOCUMENTS", False)
+    assert guarded(["x\n", "[3]"]) == ("x\n[3]", False)  # held at the end, then given back by flush
 
 
 def feed_all(filt: CitationFilter, pieces: list[str]) -> str:

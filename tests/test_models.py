@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -117,15 +118,22 @@ AutoModel.from_pretrained(sys.argv[1])
 """
 
 
+_QUIETING_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE", "TRANSFORMERS_NO_TQDM")
+
+
 def test_model_loads_print_no_library_progress_bars(tmp_path: Path) -> None:
     """transformers draws "Loading weights: 100%|██…" on every load; where ragqa loads a model that bar is off
     (ragqa's own progress is rich's). The same load without the switch shows that the check can see it."""
     import subprocess
     import sys
 
+    # An earlier test in this process may have loaded the embedder, whose quieting sets
+    # HF_HUB_DISABLE_PROGRESS_BARS in os.environ: the "loud" child must not inherit it.
+    env = {k: v for k, v in os.environ.items() if k not in _QUIETING_ENV}
+
     def load(mode: str) -> str:
         proc = subprocess.run([sys.executable, "-c", _LOAD_TINY, str(tmp_path / mode), mode], capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout + proc.stderr
 
