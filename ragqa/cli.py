@@ -434,7 +434,8 @@ def serve(
     *,
     opts: AnswerOptions,
 ) -> None:
-    """HTTP API: POST /ask and /ask/stream, GET /health. Models load once; requests take turns."""
+    """HTTP API: POST /ask and /ask/stream, GET /health, and OpenAI's /v1/chat/completions and /v1/models.
+    Models load once; requests take turns."""
     from ragqa.serve import serve as run_server
 
     settings = opts.settings()

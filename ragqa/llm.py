@@ -48,30 +48,36 @@ class RefusalGate:
 
     A 1.5B model's own greedy choice refused a quarter of answerable questions and half the unanswerable
     ones it should have: the sentinel was often the likeliest first token by a hair, or missed by a hair.
-    With a threshold chosen on the eval's tune part, the gate forces the sentinel when its probability
-    reaches the threshold and bans it below, so the model answers. Without a threshold it only measures.
+    With a threshold chosen on the eval's tune part, the reply is the sentinel when its probability reaches
+    the threshold; below it the sentinel's first tokens are banned, so the model answers. Without a
+    threshold it only measures. The ban holds for the whole reply, not only its first token: that is what a
+    model server's `logit_bias` can do, and the in-process and server paths must give the same answer.
     """
 
     def __init__(self, threshold: float | None) -> None:
         self.threshold = threshold
         self.p: float | None = None  # P(first token starts the sentinel), once the first token is chosen
 
+    @property
+    def refuses(self) -> bool:
+        """The decision, once `p` is known: the reply is the sentinel, whatever the model would write."""
+        return self.threshold is not None and self.p is not None and self.p >= self.threshold
+
     def processor(self, first_ids: list[int]) -> Callable[[Any, Any], Any]:
-        """A llama-cpp-python logits processor acting on the first generated token only."""
+        """A llama-cpp-python logits processor: measures on the first token, then refuses or bans."""
         import numpy as np
 
         ids = np.asarray(sorted(set(first_ids)), dtype=np.intp)
 
         def apply(_input_ids: Any, scores: Any) -> Any:
-            if self.p is not None:
-                return scores
-            logits = scores.astype(np.float64)
-            weights = np.exp(logits - logits.max())
-            self.p = float(weights[ids].sum() / weights.sum())
+            if self.p is None:
+                logits = scores.astype(np.float64)
+                weights = np.exp(logits - logits.max())
+                self.p = float(weights[ids].sum() / weights.sum())
             if self.threshold is None:
                 return scores
             out = np.array(scores, copy=True)
-            if self.p >= self.threshold:
+            if self.refuses:  # the stream ends after this token (see the backends' stream)
                 keep = ids[int(np.argmax(out[ids]))]
                 out[:] = -np.inf
                 out[keep] = scores[keep]
@@ -200,22 +206,35 @@ class LlamaCppChat:
         completion = 0
         if self.prefixes and messages and messages[0]["role"] == "system":
             self.prefixes.restore(messages[0]["content"])
-        extra: dict[str, Any] = {}
-        if gate is not None and sentinel:
-            from llama_cpp import LogitsProcessorList
+        from llama_cpp import LogitsProcessorList
 
-            # Below LangChain: ChatLlamaCpp passes extra keywords through to create_chat_completion, the only
-            # place the first token's distribution can be read.
-            extra["logits_processor"] = LogitsProcessorList([gate.processor(self.sentinel_first_ids(sentinel))])
+        prompt_n: list[int] = []
+
+        def note_prompt(input_ids: Any, scores: Any) -> Any:
+            if not prompt_n:  # the context when the first token is chosen: the whole prompt, template and all
+                prompt_n.append(len(input_ids))
+            return scores
+
+        # Below LangChain: ChatLlamaCpp passes extra keywords through to create_chat_completion, the only
+        # place the first token's distribution (and the prompt's exact length) can be read.
+        processors: list[Any] = [note_prompt]
+        if gate is not None and sentinel:
+            processors.append(gate.processor(self.sentinel_first_ids(sentinel)))
+        extra: dict[str, Any] = {"logits_processor": LogitsProcessorList(processors)}
         try:
             for chunk in self.chat.stream(lc_messages, max_tokens=max_tokens, **extra):
                 text = chunk.content if isinstance(chunk.content, str) else ""
+                if gate is not None and gate.refuses:
+                    completion += 1
+                    yield sentinel  # decided: the rest of the sentinel's tokens would only cost time
+                    return
                 if text:
                     completion += 1
                     yield text
         finally:  # also when the caller stops early (a refusal): usage must describe this call, not the last
-            # llama.cpp's context now holds prompt + completion; streaming reports no usage of its own.
-            self.usage = {"prompt_tokens": max(0, self.client.n_tokens - completion), "completion_tokens": completion}
+            # streaming reports no usage of its own
+            prompt = prompt_n[0] if prompt_n else max(0, self.client.n_tokens - completion)
+            self.usage = {"prompt_tokens": prompt, "completion_tokens": completion}
 
 
 class PrefixCache:
@@ -485,8 +504,10 @@ class OpenAIChat:
         self.name = f"{self.model} @ {url}"
         self.n_ctx = settings.n_ctx
         self.usage: dict[str, int | None] = {"prompt_tokens": None, "completion_tokens": None}
+        self.settings = settings
         self._tokenize = self._find_tokenizer()
         self._counts: dict[str, int] = {}
+        self._sentinels: dict[str, dict[int, str]] = {}
 
         self.chat = _server_chat_class()(
             model=self.model,
@@ -532,8 +553,8 @@ class OpenAIChat:
             raise RagqaError(f"the model server at {self.url} serves no model yet")
         return ids
 
-    def _find_tokenizer(self) -> Callable[[str], int] | None:
-        """The server's own tokenizer endpoint, if it has one; probed once."""
+    def _find_tokenizer(self) -> Callable[[str], list[int]] | None:
+        """The server's own tokenizer endpoint, if it has one; probed once. Gives token ids."""
         root = self.url.removesuffix("/v1")
         candidates = [  # llama-cpp-python's server; then llama.cpp's llama-server ("content") and vLLM ("prompt")
             (root + "/extras/tokenize", lambda text: {"input": text, "model": self.model}),
@@ -547,15 +568,16 @@ class OpenAIChat:
                 continue
             if isinstance(tokens, list) and tokens:
 
-                def count(text: str, endpoint: str = endpoint, body: Callable[[str], dict] = body) -> int:
+                def ids(text: str, endpoint: str = endpoint, body: Callable[[str], dict] = body) -> list[int]:
                     def post() -> Any:
                         resp = self._http.post(endpoint, json=body(text))
                         resp.raise_for_status()
                         return resp
 
-                    return len(with_retries(post, self._unreachable, self.timeout, self._sleep).json()["tokens"])
+                    resp = with_retries(post, self._unreachable, self.timeout, self._sleep)
+                    return [int(t) for t in resp.json()["tokens"]]
 
-                return count
+                return ids
         return None
 
     def count_tokens(self, text: str) -> int:
@@ -564,8 +586,48 @@ class OpenAIChat:
         if text not in self._counts:
             if len(self._counts) > 4096:
                 self._counts.clear()
-            self._counts[text] = self._tokenize(text)
+            self._counts[text] = len(self._tokenize(text))
         return self._counts[text]
+
+    @property
+    def refusal_gate(self) -> bool:  # stream() takes a RefusalGate where the server can tokenize
+        return self._tokenize is not None
+
+    def _sentinel_tokens(self, sentinel: str) -> dict[int, str]:
+        """The ids a reply starting with `sentinel` can start with (with and without a space), each with its
+        text: the longest start of the form that tokenizes to that id alone (logprobs name tokens by text)."""
+        if sentinel not in self._sentinels:
+            assert self._tokenize is not None
+            out: dict[int, str] = {}
+            for form in (sentinel, " " + sentinel):
+                first = self._tokenize(form)[0]
+                texts = [form[:n] for n in range(1, len(form) + 1) if self._tokenize(form[:n]) == [first]]
+                if texts:
+                    out[first] = texts[-1]
+            self._sentinels[sentinel] = out
+        return self._sentinels[sentinel]
+
+    def _first_token_p(self, messages: list[Message], sentinel: str) -> float | None:
+        """P(the reply starts with the sentinel), from the server's logprobs of a one-token reply to the same
+        prompt, as the in-process gate reads it off llama.cpp's logits. Below LangChain (a plain POST): its
+        streaming client does not surface the first token's alternatives. The server keeps the evaluated
+        prompt, so the answer that follows costs no second prefill on llama.cpp servers."""
+        body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": self.settings.temperature,
+                "seed": self.settings.seed, "logprobs": True, "top_logprobs": 20}
+
+        def post() -> Any:
+            resp = self._http.post(self.url + "/chat/completions", json=body)
+            if resp.status_code >= 500 or resp.status_code == 429:
+                resp.raise_for_status()
+            return resp
+
+        resp = with_retries(post, self._unreachable, self.timeout, self._sleep)
+        try:
+            top = resp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None  # a server without logprobs: the model's own choice decides
+        texts = set(self._sentinel_tokens(sentinel).values())
+        return float(sum(math.exp(t["logprob"]) for t in top if t.get("token") in texts))
 
     def _failed(self, exc: BaseException) -> RagqaError:
         """One line for an error the server answered with (not a transport failure)."""
@@ -585,15 +647,27 @@ class OpenAIChat:
             return RagqaError(f"the model server at {self.url} rejected the request (HTTP {code}: {message})")
         return RagqaError(f"the model server at {self.url} failed: {type(exc).__name__}: {_one_line(str(exc))}")
 
-    def stream(self, messages: list[Message], max_tokens: int) -> Iterator[str]:
+    def stream(
+        self, messages: list[Message], max_tokens: int, gate: RefusalGate | None = None, sentinel: str = ""
+    ) -> Iterator[str]:
         lc_messages = _lc_messages(messages)
         completion = 0
         reported: dict[str, Any] | None = None
+        bias: dict[str, float] = {}
+        if gate is not None and sentinel and self._tokenize is not None:
+            gate.p = self._first_token_p(messages, sentinel)
+            if gate.refuses:
+                self.usage = {"prompt_tokens": self._prompt_estimate(messages), "completion_tokens": 1}
+                yield sentinel
+                return
+            if gate.threshold is not None and gate.p is not None:
+                bias = {str(i): -100.0 for i in self._sentinel_tokens(sentinel)}  # the in-process gate's ban
         try:
             for attempt in range(len(RETRY_DELAYS) + 1):
                 started = False
                 try:
-                    with contextlib.closing(self.chat.stream(lc_messages, max_tokens=max_tokens)) as chunks:
+                    extra: dict[str, Any] = {"logit_bias": bias} if bias else {}
+                    with contextlib.closing(self.chat.stream(lc_messages, max_tokens=max_tokens, **extra)) as chunks:
                         for chunk in chunks:
                             if chunk.usage_metadata:
                                 reported = dict(chunk.usage_metadata)
@@ -616,11 +690,15 @@ class OpenAIChat:
         finally:  # also when the caller stops early (a refusal): usage must describe this call
             if reported and reported.get("input_tokens"):
                 self.usage = {"prompt_tokens": reported["input_tokens"], "completion_tokens": reported["output_tokens"]}
-            else:  # the server streams no usage (llama-cpp-python): its tokenizer over the messages, ~5 per turn
-                prompt: int | None = None
-                with contextlib.suppress(Exception):
-                    prompt = sum(self.count_tokens(m["content"]) + 5 for m in messages)
-                self.usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+            else:  # the server streams no usage (llama-cpp-python)
+                self.usage = {"prompt_tokens": self._prompt_estimate(messages), "completion_tokens": completion}
+
+    def _prompt_estimate(self, messages: list[Message]) -> int | None:
+        """The prompt's tokens by the server's tokenizer plus the chat template's framing, exact for ChatML
+        (Qwen): "<|im_start|>role\\n…<|im_end|>\\n" is 5 tokens a turn, "<|im_start|>assistant\\n" 3 more."""
+        with contextlib.suppress(Exception):
+            return sum(self.count_tokens(m["content"]) + 5 for m in messages) + 3
+        return None
 
 
 @functools.cache

@@ -6,6 +6,11 @@ pool, so concurrent requests queue on that lock instead of corrupting each other
 the lock too: it takes ~0.1 s against seconds of generation, and keeps the embedder single-threaded.
 A cap on waiting requests turns a flood into quick 503s rather than an unbounded queue of sockets.
 The API serves no file from disk, and the CLI binds 127.0.0.1 unless told otherwise: there is no auth.
+
+Beside ragqa's own routes, `/v1/models` and `/v1/chat/completions` speak OpenAI's chat API, so a chat
+front end (Open WebUI, LibreChat) or any OpenAI client can use ragqa as a model: the last user message is
+the question, earlier turns are the history `ragqa chat` would keep, the sources follow the answer's text,
+and the whole `ask --json` object rides in the extra field `ragqa`.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from ragqa.chain import QA, check_question
+from ragqa.chain import QA, check_question, question_language, source_label
 from ragqa.config import Settings
 from ragqa.errors import RagqaError
 
@@ -28,6 +35,73 @@ MAX_WAITING = 32
 class AskBody(BaseModel):
     question: str = Field(description="The question, in Chinese or English.")
     k: int | None = Field(default=None, ge=1, le=100, description="Passages given to the model.")
+
+
+MODEL_ID = "ragqa"  # what /v1/models lists: ragqa as one model, whatever answers inside it
+RETRY_AFTER_S = 5
+SOURCES_TITLE = {"zh": "来源：", "en": "Sources:"}
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text: a string, or the text parts of a list (how some clients send content)."""
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatBody(BaseModel):
+    """OpenAI's chat-completions request. Sampling fields a client sends (temperature, max_tokens, ...) are
+    accepted and ignored: ragqa's settings decide them, so the answer is the one `ragqa ask` gives."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+
+
+def chat_turns(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
+    """The question (the last message, a user's) and the history before it as (question, answer) pairs, as
+    `ragqa chat` keeps it; system messages are ragqa's own business and are dropped."""
+    if messages[-1].role != "user":
+        raise RagqaError("the last message must be the user's question (role 'user')")
+    history: list[tuple[str, str]] = []
+    pending: str | None = None
+    for m in messages[:-1]:
+        if m.role == "user":
+            pending = m.text()
+        elif m.role == "assistant" and pending is not None:
+            history.append((pending, m.text()))
+            pending = None
+    return messages[-1].text(), history
+
+
+def sources_block(answer: dict[str, Any]) -> str:
+    """The cited passages after the answer text, as `ragqa ask` prints them: chat clients show only text."""
+    if not answer["citations"]:
+        return ""
+    lines = [f"[{c['n']}] {source_label(c)}" + (f" {c['heading']}" if c.get("heading") else "")
+             for c in answer["citations"]]
+    return "\n\n" + SOURCES_TITLE[question_language(answer["question"])] + "\n" + "\n".join(lines)
+
+
+def completion(answer: dict[str, Any]) -> dict[str, Any]:
+    """A chat.completion object for one answer; the whole `ask --json` object rides in `ragqa`."""
+    timings = answer["timings"]
+    prompt, done = timings.get("prompt_tokens") or 0, timings.get("completion_tokens") or 0
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": MODEL_ID,
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": answer["answer"] + sources_block(answer)}}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done},
+        "ragqa": answer,
+    }
 
 
 class Busy(RagqaError):
@@ -60,7 +134,8 @@ class QAService:
             "waiting": self._waiting,
         }
 
-    def ask(self, question: str, k: int | None = None, on_token: Any = None) -> dict[str, Any]:
+    def ask(self, question: str, k: int | None = None, on_token: Any = None,
+            history: list[tuple[str, str]] | None = None) -> dict[str, Any]:
         question = check_question(question)  # bad input is refused at once, without queueing
         with self._count:
             if self._waiting >= self.max_waiting:
@@ -72,11 +147,12 @@ class QAService:
             with self._count:
                 self._waiting -= 1
         try:
-            return self.qa.ask(question, k=k, on_token=on_token).as_dict()
+            return self.qa.ask(question, k=k, on_token=on_token, history=history).as_dict()
         finally:
             self.lock.release()
 
-    def events(self, question: str, k: int | None = None) -> Iterator[tuple[str, Any]]:
+    def events(self, question: str, k: int | None = None,
+               history: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, Any]]:
         """("token", text) while the model writes, then ("answer", the ask --json object).
 
         The question is checked here, at the call, before the first event is asked for. The pipeline runs
@@ -97,7 +173,7 @@ class QAService:
 
         def work() -> None:
             try:
-                pieces.put(("answer", self.ask(question, k=k, on_token=on_token)))
+                pieces.put(("answer", self.ask(question, k=k, on_token=on_token, history=history)))
             except _Cancelled:
                 pass
             except BaseException as exc:  # noqa: BLE001 - raised again in the consumer's thread
@@ -137,6 +213,35 @@ class QAService:
 
         return lines()
 
+    def chat_stream(self, question: str, history: list[tuple[str, str]]) -> Iterator[str]:
+        """Server-sent events of chat.completion.chunk objects, as OpenAI streams: the answer's tokens, then
+        its sources, then a last chunk with finish_reason "stop" and the `ask --json` object in `ragqa`, then
+        `[DONE]`. An error after the stream has started is an `error` event, which OpenAI clients raise."""
+        events = self.events(question, history=history)  # bad input, a full queue: an HTTP error, not a stream
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": MODEL_ID}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            body = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def lines() -> Iterator[str]:
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                for kind, value in events:
+                    if kind == "token":
+                        yield chunk({"content": value})
+                    else:
+                        if value["refused"] is False:
+                            yield chunk({"content": sources_block(value)})
+                        yield chunk({}, "stop", ragqa=value)
+            except Exception as exc:  # noqa: BLE001 - the client gets the reason, not a cut-off stream
+                message = str(exc) if isinstance(exc, RagqaError) else f"internal error: {type(exc).__name__}: {exc}"
+                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return lines()
+
 
 def create_app(settings: Settings, qa: QA | None = None, max_waiting: int = MAX_WAITING) -> Any:
     """The FastAPI app. The embedder and the model load here, before the first request, not during it."""
@@ -153,14 +258,24 @@ def create_app(settings: Settings, qa: QA | None = None, max_waiting: int = MAX_
                   redoc_url=None, openapi_url=None)  # nothing beyond the API itself is served
     app.state.service = service
 
+    def error(request: Request, message: str, status: int) -> JSONResponse:
+        """{"error": "..."} on ragqa's own routes; OpenAI's {"error": {"message", "type"}} under /v1, which
+        its clients turn into their own exceptions with the message."""
+        body: dict[str, Any] = {"error": message}
+        if request.url.path.startswith("/v1/"):
+            kind = "server_error" if status >= 500 else "invalid_request_error"
+            body = {"error": {"message": message, "type": kind}}
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
     @app.exception_handler(RagqaError)
     def ragqa_error(request: Request, exc: RagqaError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=503 if isinstance(exc, Busy) else 400)
+        return error(request, str(exc), 503 if isinstance(exc, Busy) else 400)
 
     @app.exception_handler(RequestValidationError)
     def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+        return error(request, f"invalid request: {problems}", 422)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -173,6 +288,18 @@ def create_app(settings: Settings, qa: QA | None = None, max_waiting: int = MAX_
     @app.post("/ask/stream")
     def ask_stream(body: AskBody) -> StreamingResponse:
         return StreamingResponse(service.stream(body.question, k=body.k), media_type="application/x-ndjson")
+
+    # OpenAI's chat API, so Open WebUI, LibreChat or any OpenAI client can use ragqa as a model.
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "ragqa"}]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat_completions(body: ChatBody) -> dict[str, Any] | StreamingResponse:
+        question, history = chat_turns(body.messages)
+        if body.stream:
+            return StreamingResponse(service.chat_stream(question, history), media_type="text/event-stream")
+        return completion(service.ask(question, history=history))
 
     return app
 

@@ -1,4 +1,5 @@
 import json
+import math
 import socket
 import struct
 import sys
@@ -374,6 +375,27 @@ def test_ask_answers_through_a_llama_cpp_server(llama_server: str, corpus_settin
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("question", ["杰文斯悖论是什么？", "Who proposed the Jevons paradox?"])
+def test_a_llama_cpp_server_gives_the_in_process_answer(llama_server: str, corpus_settings: Settings,
+                                                         tmp_path: Path, question: str) -> None:
+    """Same model file, same prompt, temperature 0: `--llm-url` and in-process answer alike, token for token,
+    with the same citations and the same prompt size (the English question also takes the translation step
+    through the server)."""
+    env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
+           "RAGQA_HOME": str(tmp_path / "home"), "RAGQA_MAX_TOKENS": "96"}
+    local = run_cli("ask", question, "--json", "--model", SMALL_MODEL, env=env)
+    remote = run_cli("ask", question, "--json", "--llm-url", llama_server, env=env)
+    assert local.returncode == 0 and remote.returncode == 0, local.stderr + remote.stderr
+    a, b = json.loads(local.stdout), json.loads(remote.stdout)
+    assert a.get("translated_question") == b.get("translated_question")
+    assert a["context"] == b["context"]  # the same passages, cut to the same sentences: the same prompt
+    assert (a["answer"], a["refused"]) == (b["answer"], b["refused"]), (a["answer"], b["answer"])
+    assert [c["source"] for c in a["citations"]] == [c["source"] for c in b["citations"]]
+    assert a["timings"]["completion_tokens"] == b["timings"]["completion_tokens"]
+    assert a["timings"]["prompt_tokens"] == b["timings"]["prompt_tokens"]
+
+
+@pytest.mark.slow
 def test_backend_uses_the_servers_tokenizer_and_streams_english(llama_server: str, models_dir: Path) -> None:
     llm = OpenAIChat(make_settings(llm_url=llama_server, max_tokens=16))
     local = LlamaCppChat(make_settings(model=SMALL_MODEL, models=models_dir))
@@ -434,7 +456,7 @@ def test_openai_backend_never_touches_tiktoken(scripted, monkeypatch: pytest.Mon
     assert llm.count_tokens("杰文斯悖论") == 5 and list(llm.stream([{"role": "user", "content": "q"}], 4)) == ["好"]
 
 
-def test_refusal_gate_measures_forces_and_bans_the_sentinel_on_the_first_token_only() -> None:
+def test_refusal_gate_measures_forces_and_bans_the_sentinel() -> None:
     import numpy as np
 
     from ragqa.llm import RefusalGate
@@ -442,11 +464,57 @@ def test_refusal_gate_measures_forces_and_bans_the_sentinel_on_the_first_token_o
     scores = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))  # tokens 1 and 3 start the sentinel
     measure = RefusalGate(None)
     assert np.array_equal(measure.processor([1, 3])(None, scores), scores) and measure.p == pytest.approx(0.35)
+    assert not measure.refuses  # without a threshold it only measures
     forced = RefusalGate(0.3)
     out = forced.processor([1, 3])(None, scores)
-    assert int(np.argmax(out)) == 1 and np.isinf(out[[0, 2, 3]]).all()  # at the threshold: refuse
+    assert forced.refuses and int(np.argmax(out)) == 1 and np.isinf(out[[0, 2, 3]]).all()  # at the threshold
     banned = RefusalGate(0.4)
     apply = banned.processor([1, 3])
     out = apply(None, scores)
-    assert int(np.argmax(out)) == 0 and np.isinf(out[[1, 3]]).all()  # below it: answer
-    assert np.array_equal(apply(None, scores), scores)  # later tokens are left alone
+    assert not banned.refuses and int(np.argmax(out)) == 0 and np.isinf(out[[1, 3]]).all()  # below it: answer
+    later = np.log(np.array([0.1, 0.6, 0.2, 0.1], dtype=np.float32))
+    assert np.isinf(apply(None, later)[[1, 3]]).all() and banned.p == pytest.approx(0.35)  # banned all along
+
+
+def _tokenizer_reply(server_ref: list) -> Callable[[BaseHTTPRequestHandler], None]:
+    """A /tokenize endpoint over the text it was sent: "NOT" and " NOT" are one token each, else a character."""
+
+    def send(h: BaseHTTPRequestHandler) -> None:
+        text = json.loads(server_ref[0].seen[-1][2])["content"]
+        ids: list[int] = []
+        for form, tid in ((" NOT", 2000), ("NOT", 1000)):
+            if text.startswith(form):
+                ids, text = [tid], text[len(form):]
+                break
+        reply_json(200, {"tokens": ids + [ord(c) for c in text]})(h)
+
+    return send
+
+
+def test_the_server_gate_reads_the_sentinel_from_logprobs_and_bans_it_by_logit_bias(scripted) -> None:
+    """The in-process gate's decision through an OpenAI-compatible server: P(sentinel) from a one-token reply's
+    top logprobs, the sentinel itself at or above the threshold, a logit_bias ban below it."""
+    from ragqa.chain import SENTINEL
+    from ragqa.llm import RefusalGate
+
+    top = [{"token": "NOT", "logprob": math.log(0.3)}, {"token": " NOT", "logprob": math.log(0.2)},
+           {"token": "杰", "logprob": math.log(0.45)}, {"token": "N", "logprob": math.log(0.05)}]
+    probe = reply_json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "NOT"},
+                                          "logprobs": {"content": [{"token": "NOT", "logprob": math.log(0.3),
+                                                                    "top_logprobs": top}]}}]})
+    ref: list = []
+    server = scripted({"GET /v1/models": [MODELS], "POST /tokenize": [_tokenizer_reply(ref)],
+                       "POST /v1/chat/completions": [probe, reply_sse(["杰文斯", "悖论 [1]"]), probe]})
+    ref.append(server)
+    llm = openai_chat(server.url)
+    assert llm.refusal_gate
+    messages = [{"role": "user", "content": "杰文斯悖论是什么？"}]
+    below = RefusalGate(0.6)
+    assert "".join(llm.stream(messages, max_tokens=8, gate=below, sentinel=SENTINEL)) == "杰文斯悖论 [1]"
+    assert below.p == pytest.approx(0.5) and not below.refuses  # "NOT" and " NOT", not the stray "N"
+    posts = [json.loads(b) for k, _, b in server.seen if k == "POST /v1/chat/completions"]
+    assert posts[0]["max_tokens"] == 1 and posts[0]["logprobs"] is True and posts[0]["messages"] == messages
+    assert posts[1]["logit_bias"] == {"1000": -100.0, "2000": -100.0} and posts[1]["stream"] is True
+    at = RefusalGate(0.5)
+    assert list(llm.stream(messages, max_tokens=8, gate=at, sentinel=SENTINEL)) == [SENTINEL] and at.refuses
+    assert server.count("POST /v1/chat/completions") == 3  # a refusal streams nothing

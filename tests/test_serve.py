@@ -1,4 +1,5 @@
 import json
+import re
 import socket
 import sys
 import threading
@@ -33,7 +34,8 @@ class FakeQA:
     def prepare(self) -> None:
         pass
 
-    def ask(self, question: str, k: int | None = None, on_token: Any = None) -> Answer:
+    def ask(self, question: str, k: int | None = None, on_token: Any = None, history: Any = None) -> Answer:
+        self.history = history
         with self.guard:
             self.active += 1
             self.most_active = max(self.most_active, self.active)
@@ -42,8 +44,8 @@ class FakeQA:
                 time.sleep(self.pause)
                 if on_token:
                     on_token(word)
-            return Answer(question, "答案 [1]", False, [{"n": 1, "source": "f.txt"}], [], "fake-model",
-                          {"total_ms": 1.0, "k": k})
+            return Answer(question, "答案 [1]", False, [{"n": 1, "source": "f.txt", "lines": [3, 4], "heading": "一"}],
+                          [], "fake-model", {"total_ms": 1.0, "k": k, "prompt_tokens": 10, "completion_tokens": 2})
         finally:
             with self.guard:
                 self.active -= 1
@@ -98,11 +100,50 @@ def test_api_shapes_and_bad_input() -> None:
     assert client.get("/README.md").status_code == 404 and client.get("/docs").status_code == 404
 
 
+def test_openai_chat_api_shapes_history_and_errors() -> None:
+    from fastapi.testclient import TestClient
+
+    qa = FakeQA()
+    client = TestClient(create_app(make_settings(), qa=qa))  # type: ignore[arg-type]
+    assert client.get("/v1/models").json()["data"][0]["id"] == "ragqa"
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "杰文斯悖论是什么？"},
+                {"role": "assistant", "content": "一个悖论 [1]"},
+                {"role": "user", "content": [{"type": "text", "text": "谁提出的？"}]}]
+    body = client.post("/v1/chat/completions", json={"model": "ragqa", "messages": messages, "temperature": 0.7}).json()
+    assert qa.history == [("杰文斯悖论是什么？", "一个悖论 [1]")]  # earlier turns are the chat's history
+    assert body["object"] == "chat.completion" and body["ragqa"]["question"] == "谁提出的？"
+    assert body["choices"][0]["message"]["content"] == "答案 [1]\n\n来源：\n[1] f.txt:3-4 一"
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}
+    events = [line.removeprefix("data: ") for line in client.post(
+        "/v1/chat/completions", json={"messages": messages[-1:], "stream": True}).text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == body["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["ragqa"]["citations"]
+    for bad, status, needle in [
+        ({"messages": []}, 422, "messages"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "the last message must be the user's"),
+        ({"messages": [{"role": "user", "content": " "}]}, 400, "the question is empty"),
+    ]:
+        resp = client.post("/v1/chat/completions", json=bad)
+        assert resp.status_code == status and needle in resp.json()["error"]["message"], resp.text
+
+
+def test_a_full_queue_says_when_to_retry() -> None:
+    from fastapi.testclient import TestClient
+
+    app = create_app(make_settings(), qa=FakeQA(), max_waiting=0)  # type: ignore[arg-type]
+    resp = TestClient(app).post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "是什么？"}]})
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+    assert "waiting" in resp.json()["error"]["message"]
+
+
 def test_an_error_mid_stream_is_the_streams_last_line() -> None:
     from ragqa.errors import RagqaError
 
     class Failing(FakeQA):
-        def ask(self, question: str, k: int | None = None, on_token: Any = None) -> Answer:
+        def ask(self, question: str, k: int | None = None, on_token: Any = None, history: Any = None) -> Answer:
             on_token("部分")
             raise RagqaError("the model server stopped mid-answer")
 
@@ -193,3 +234,25 @@ def test_serve_streams_and_rejects_bad_input(server: str) -> None:
         assert "".join(tokens).strip() == final["answer"]  # the stream is the answer, as the user saw it
     status, text = post(server + "/ask", {"question": ""})
     assert status == 400 and json.loads(text)["error"] == "the question is empty"
+
+
+@pytest.mark.slow
+def test_the_openai_client_streams_a_cited_answer_from_serve(server: str) -> None:
+    """What Open WebUI or LibreChat do: list the models, then stream a chat completion, with the openai client."""
+    import openai
+
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["ragqa"]
+    stream = client.chat.completions.create(model="ragqa", stream=True,
+                                            messages=[{"role": "user", "content": "杰文斯悖论是什么？"}])
+    pieces, last = [], None
+    for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content or "")
+        last = chunk
+    text = "".join(pieces)
+    answer = last.model_extra["ragqa"]  # the whole `ask --json` object rides in the last chunk
+    assert last.choices[0].finish_reason == "stop" and answer["citations"] and not answer["refused"]
+    assert text.startswith(answer["answer"]) and re.search(r"\n\n来源：\n\[\d+\] corpus/", text), text
+    assert all(Path(c["source"]).is_file() for c in answer["citations"])
+    with pytest.raises(openai.BadRequestError, match="the question is empty"):
+        client.chat.completions.create(model="ragqa", messages=[{"role": "user", "content": ""}])
