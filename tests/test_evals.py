@@ -451,8 +451,12 @@ def test_latency_and_tokens_in_summary(corpus: CorpusTexts) -> None:
     assert lat["total_ms"]["p95"] == pytest.approx(3850.0)
     assert lat["retrieve_ms"]["p50"] == pytest.approx(25.0)
     assert lat["ttft_ms"] == {"p50": 500.0, "p95": 500.0}
-    # 50 tokens over 0.5 s, 1.5 s, 2.5 s, 3.5 s of generation.
-    assert lat["gen_tok_s"] == pytest.approx((100 + 50 / 1.5 + 20 + 50 / 3.5) / 4)
+    # The 49 tokens after the first over 0.5 s, 1.5 s, 2.5 s, 3.5 s of generation.
+    assert lat["gen_tok_s"] == pytest.approx((98 + 49 / 1.5 + 19.6 + 49 / 3.5) / 4)
+    refusal = {**timings, "completion_tokens": 1, "total_ms": 500.5}  # one token: no rate at all
+    recs.append(record(Q_EAR, result(Q_EAR, [elsewhere(ZH_FILE)], answer="四十种", timings=refusal), corpus))
+    assert summarize(recs, {})["overall"]["latency"]["gen_tok_s"] == pytest.approx(lat["gen_tok_s"])
+    recs.pop()
     assert summarize(recs, {})["overall"]["prompt_tokens"] == pytest.approx(250.0)
 
 

@@ -344,9 +344,9 @@ def score_question(
     timings = result.get("timings") or {}
     ttft, total = _num(timings.get("ttft_ms")), _num(timings.get("total_ms"))
     completion = _num(timings.get("completion_tokens"))
-    gen_tok_s = None
-    if completion is not None and ttft is not None and total is not None and total > ttft:
-        gen_tok_s = completion / ((total - ttft) / 1000)
+    gen_tok_s = None  # tokens after the first, over the time after the first: a refusal's one token says nothing
+    if completion is not None and completion >= 2 and ttft is not None and total is not None and total > ttft:
+        gen_tok_s = (completion - 1) / ((total - ttft) / 1000)
 
     return {
         "answerable": answerable,
