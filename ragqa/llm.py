@@ -169,6 +169,12 @@ class LlamaCppChat:
                     n_ctx=settings.n_ctx,
                     n_threads=settings.n_threads,
                     n_batch=512,  # ChatLlamaCpp's default of 8 makes prompt processing several times slower
+                    # ChatLlamaCpp passes its own RoPE defaults (base 10000, scale 1) to llama.cpp, over the
+                    # model's: Qwen2.5 is trained with base 1,000,000, so every position past the first few
+                    # was encoded wrongly, and answers differed from the same file served by llama_cpp.server.
+                    # 0 means "from the model file".
+                    rope_freq_base=0.0,
+                    rope_freq_scale=0.0,
                     n_gpu_layers=settings.gpu_layers,
                     temperature=settings.temperature,
                     max_tokens=settings.max_tokens,
@@ -261,6 +267,9 @@ class PrefixCache:
         self.salt = "|".join(map(str, (
             model_path.resolve(), stat.st_size, stat.st_mtime_ns, llama_cpp.__version__, self.client.n_ctx(),
             self.client.n_batch, settings.gpu_layers, settings.chat_format, settings.seed, settings.repack,
+            # the RoPE settings the context was made with: a state saved under another base encodes other positions
+            getattr(self.client.context_params, "rope_freq_base", None),
+            getattr(self.client.context_params, "rope_freq_scale", None),
         )))
         self.seed = settings.seed
         self.states: dict[str, Any] = {}

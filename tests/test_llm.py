@@ -393,6 +393,7 @@ def test_a_llama_cpp_server_gives_the_in_process_answer(llama_server: str, corpu
     assert [c["source"] for c in a["citations"]] == [c["source"] for c in b["citations"]]
     assert a["timings"]["completion_tokens"] == b["timings"]["completion_tokens"]
     assert a["timings"]["prompt_tokens"] == b["timings"]["prompt_tokens"]
+    assert abs(a["refusal_p"] - b["refusal_p"]) < 0.05  # one score, read off logits here and logprobs there
 
 
 @pytest.mark.slow
