@@ -55,10 +55,10 @@ class Settings:
     temperature: float = 0.0
     max_tokens: int = 400
     # "Not in the documents" when the model's probability of starting with the refusal sentinel reaches
-    # this; below it the model must answer. 0.40 had the most right outcomes (answers with all key facts +
+    # this; below it the model must answer. 0.50 had the most right outcomes (answers with all key facts +
     # unanswerable questions refused) over the eval's tune part (evals/RESULTS.md, 2026-12-02). None: the
     # model's own greedy choice. Through a model server it needs the server's tokenizer and logprobs.
-    refusal_threshold: float | None = 0.40
+    refusal_threshold: float | None = 0.50
     chat_format: str | None = None
     seed: int = 42
     prompt_cache: bool = True  # keep the KV state of the fixed system prompts on disk (home/cache)
