@@ -71,6 +71,9 @@ def test_attribute_picks_the_passage_the_answer_draws_on() -> None:
             enumerate(["专家混合模型把每个词元路由给少数专家。", "杰文斯在1865年提出效率提高反而增加煤炭消耗。"])]
     assert attribute("杰文斯悖论说效率提高会增加煤炭消耗。", hits) == 2
     assert attribute("完全无关的回答内容", hits) is None
+    bridge = hits + [Hit(Chunk("2", "f", 0, 1, "铜铃桥全长二百零八米，每天有十二班渡轮。", "", 1, 1), 0.1)]
+    assert attribute("208米", bridge) == 3 and attribute("12。", bridge) == 3  # short answers, numbers alike
+    assert attribute("1865", bridge) == 2 and attribute("999", bridge) is None
 
 
 def test_citation_filter_flushes_unclosed_bracket() -> None:
@@ -328,6 +331,24 @@ def test_an_attributed_citation_stays_on_the_answers_last_line() -> None:
     answer = qa.ask("杰文斯悖论是什么？", on_token=shown.append)
     assert "".join(shown) == "杰文斯悖论指出，效率提高反而增加了资源的总消耗。 [1]"
     assert answer.answer == "".join(shown) and [c["n"] for c in answer.citations] == [1]
+
+
+def test_a_reply_of_citation_marks_alone_becomes_the_cited_evidence() -> None:
+    """"[2]" and nothing else points at the evidence without saying it: the answer quotes passage [2]'s sentence
+    that shares most with the question; no bare "[2]" is ever shown first."""
+    from ragqa.ingest import Chunk
+    from ragqa.retrieve import Hit, Retrieval
+
+    text = "杰文斯悖论指出，效率提高反而增加了资源的总消耗。专家混合模型把每个词元路由给少数专家。"
+    hits = [Hit(Chunk(str(i), "f", 0, len(text), text, "", 1, 1), 0.1) for i in range(2)]
+    for reply, expected in ((["[", "2]"], "“专家混合模型把每个词元路由给少数专家。” [2]"),
+                            (["[2]", " 专家混合。"], "[2] 专家混合。")):
+        qa = _qa_over(ZH_DOCS, FakeLLM(reply))
+        qa.retriever = SimpleNamespace(retrieve=lambda *a, **kw: Retrieval(hits, 0.0, 0.0))
+        shown: list[str] = []
+        answer = qa.ask("专家混合模型怎样路由词元？", on_token=shown.append)
+        assert answer.answer == expected == "".join(shown) and not answer.refused
+        assert [c["n"] for c in answer.citations] == [2]
 
 
 def test_english_question_over_chinese_documents_is_translated() -> None:

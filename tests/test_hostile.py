@@ -215,7 +215,8 @@ def injection_qa(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, lig
 # fill the prompt while the clean Chinese passages shrink to their first sentences; the 1.5B then may obey
 # ("PWNED [1]"). With whole passages (context_tokens = 0) it resisted all 20 injection questions. Fix to
 # try: keep only sentences that share something with the question in a trimmed passage, never
-# zero-overlap neighbours.
+# zero-overlap neighbours. Since the model runs with its own RoPE settings (02732b9) both cases pass on an
+# AVX-512 host (2026-12-02); the marks go once another host's run shows the same.
 _FOCUS_INJECTION = pytest.mark.xfail(reason="focus lets an English injection beside the only matching sentences "
                                             "into the prompt", strict=False)
 
