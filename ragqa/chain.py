@@ -156,8 +156,8 @@ class Answer:
 
 # Lines that begin the prompt's own text: a small model that has quoted passage [1] word for word sometimes
 # keeps copying, through "[2] (heading)", "</documents>" and the rules (seen with the 1.5B at temperature 0 on
-# an AVX-512 host, 2026-12-02: 386 tokens where the answer was the first 90). Nothing after such a line is
-# an answer, so the stream stops there.
+# an AVX-512 host, 2026-12-02, while it ran with the wrong RoPE base: 386 tokens where the answer was the first
+# 90). Nothing after such a line is an answer, so the stream stops there.
 _ECHO_MARKERS = ("<documents>", "</documents>", "以下是编号的参考资料", "请只根据上面的资料",
                  "Numbered reference documents", "Answer the question using only the documents")
 _ECHO_HEADER = re.compile(r"\[\d+\] \(")
@@ -691,6 +691,8 @@ class QA:
             if not body:
                 held_space += text
                 return
+            if "\n" in held_space and shown and _CITE.match(body.lstrip()):
+                held_space = " "  # a citation the model put under its text, after blank lines, joins the text
             text, held_space = held_space + body, text[len(body) :]
             shown.append(text)
             if on_token:

@@ -351,6 +351,21 @@ def test_a_reply_of_citation_marks_alone_becomes_the_cited_evidence() -> None:
         assert [c["n"] for c in answer.citations] == [2]
 
 
+def test_a_citation_written_under_the_answer_joins_its_last_line() -> None:
+    from ragqa.ingest import Chunk
+    from ragqa.retrieve import Hit, Retrieval
+
+    chunk = Chunk("0", "f", 0, len(ZH_DOCS[0]), ZH_DOCS[0], "", 1, 1)
+    fact = "杰文斯悖论指出效率提高反而增加消耗。"
+    two = "第一点。\n\n第二点 [1]"  # a citation on a later paragraph's own line stays there
+    for reply, expected in (([fact, "\n\n", "[1]"], fact + " [1]"), ([two], two)):
+        qa = _qa_over(ZH_DOCS, FakeLLM(reply))
+        qa.retriever = SimpleNamespace(retrieve=lambda *a, **kw: Retrieval([Hit(chunk, 0.1)], 0.0, 0.0))
+        shown: list[str] = []
+        answer = qa.ask("杰文斯悖论是什么？", on_token=shown.append)
+        assert answer.answer == expected == "".join(shown)
+
+
 def test_english_question_over_chinese_documents_is_translated() -> None:
     llm = FakeLLM(["什么是杰文斯悖论？", "\n多余的解释"])
     qa = _qa_over(ZH_DOCS, llm)
