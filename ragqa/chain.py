@@ -661,7 +661,8 @@ class QA:
 
         found = [h.as_dict() for h in hits]
         t_focus = time.perf_counter()
-        hits = self.fit_hits(f"{standalone}\n{translated}" if translated else standalone, hits, retrieval.vector)
+        both_forms = f"{standalone}\n{translated}" if translated else standalone  # what sentences are scored against
+        hits = self.fit_hits(both_forms, hits, retrieval.vector)
         timings["focus_ms"] = round((time.perf_counter() - t_focus) * 1000, 1)
         if context_only:
             timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -735,7 +736,7 @@ class QA:
         text = "".join(raw).strip()
         if held and not text.startswith(SENTINEL):
             if text and not has_words(text):  # "[1]" and nothing else: give the evidence it points at
-                text = quote_fallback(f"{standalone}\n{translated}" if translated else standalone, hits, text)
+                text = quote_fallback(both_forms, hits, text)
             emit(filt.feed(text))  # the model stopped while its reply could still have been the sentinel
         emit(filt.flush())
         answer = "".join(shown).strip()

@@ -104,6 +104,11 @@ def completion(answer: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def stream_error(exc: BaseException) -> str:
+    """What a client is told of an error after its stream has started: ragqa's own line, or a bug named."""
+    return str(exc) if isinstance(exc, RagqaError) else f"internal error: {type(exc).__name__}: {exc}"
+
+
 class Busy(RagqaError):
     """More requests are waiting than the server will queue."""
 
@@ -206,10 +211,8 @@ class QAService:
             try:
                 for kind, value in events:
                     yield json.dumps({kind: value}, ensure_ascii=False) + "\n"
-            except RagqaError as exc:
-                yield json.dumps({"error": str(exc)}, ensure_ascii=False) + "\n"
-            except Exception as exc:  # a bug: the client still gets one line, not a cut-off stream
-                yield json.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"}, ensure_ascii=False) + "\n"
+            except Exception as exc:  # noqa: BLE001 - also a bug: the client gets one line, not a cut-off stream
+                yield json.dumps({"error": stream_error(exc)}, ensure_ascii=False) + "\n"
 
         return lines()
 
@@ -236,8 +239,8 @@ class QAService:
                             yield chunk({"content": sources_block(value)})
                         yield chunk({}, "stop", ragqa=value)
             except Exception as exc:  # noqa: BLE001 - the client gets the reason, not a cut-off stream
-                message = str(exc) if isinstance(exc, RagqaError) else f"internal error: {type(exc).__name__}: {exc}"
-                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                error = {"error": {"message": stream_error(exc), "type": "server_error"}}
+                yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
             yield "data: [DONE]\n\n"
 
         return lines()
