@@ -539,14 +539,19 @@ class OpenAIChat:
         hint = "" if self.url.endswith("/v1") else f"; did you mean {self.url}/v1?"
         return RagqaError(f"{self.url} is not an OpenAI-compatible API ({detail}){hint or '; check the URL'}")
 
-    def _served_models(self) -> list[str]:
-        def get() -> Any:
-            resp = self._http.get(self.url + "/models")
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One API call, retried on transport failures, 5xx and 429; any other status is the caller's to read."""
+
+        def call() -> Any:
+            resp = self._http.request(method, self.url + path, **kwargs)
             if resp.status_code >= 500 or resp.status_code == 429:
                 resp.raise_for_status()
             return resp
 
-        resp = with_retries(get, self._unreachable, self.timeout, self._sleep)
+        return with_retries(call, self._unreachable, self.timeout, self._sleep)
+
+    def _served_models(self) -> list[str]:
+        resp = self._request("GET", "/models")
         if resp.status_code in (401, 403):
             raise RagqaError(
                 f"the model server at {self.url} refused the request (HTTP {resp.status_code}); "
@@ -623,14 +628,7 @@ class OpenAIChat:
         prompt, so the answer that follows costs no second prefill on llama.cpp servers."""
         body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": self.settings.temperature,
                 "seed": self.settings.seed, "logprobs": True, "top_logprobs": 20}
-
-        def post() -> Any:
-            resp = self._http.post(self.url + "/chat/completions", json=body)
-            if resp.status_code >= 500 or resp.status_code == 429:
-                resp.raise_for_status()
-            return resp
-
-        resp = with_retries(post, self._unreachable, self.timeout, self._sleep)
+        resp = self._request("POST", "/chat/completions", json=body)
         try:
             top = resp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         except (ValueError, KeyError, IndexError, TypeError):
