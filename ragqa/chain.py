@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ragqa import models
+from ragqa.budget import Budget, passage_budget
 from ragqa.config import Settings
 from ragqa.errors import RagqaError
 from ragqa.grounding import ground
@@ -131,6 +132,7 @@ class Answer:
     translated: str | None = None  # the question in the documents' language, when it was put into it
     grounding: list[dict[str, Any]] | None = None  # per answer sentence: supported by its passages?
     refusal_p: float | None = None  # the model's probability of refusing first (llm.RefusalGate)
+    budget: Budget | None = None  # the passage token budget the prompt was built to, and why (ragqa/budget.py)
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -151,6 +153,8 @@ class Answer:
             out["grounding"] = self.grounding
         if self.refusal_p is not None:
             out["refusal_p"] = self.refusal_p
+        if self.budget is not None:
+            out["budget"] = self.budget.as_dict()
         return out
 
 
@@ -541,23 +545,44 @@ class QA:
 
             self._loading = _Background(load_llm, self.settings)
 
-    def fit_hits(self, question: str, hits: list[Hit], vector: list[float] | None = None) -> list[Hit]:
-        """The passages as the model will see them: their best sentences within `context_tokens` (see
-        retrieve.focus), and never more than the context window holds, whole: never cut one mid-way."""
+    def passage_budget(self, question: str, n_passages: int, translated: str | None = None) -> Budget:
+        """The passage tokens this question's prompt may hold (ragqa/budget.py): from the time target and the
+        model's measured rates where both exist, else `context_tokens`. `question` is what the prompt shows
+        (both forms when translated); `translated` makes the translation call's time count too."""
         llm = self.llm
-        if self.settings.context_tokens > 0 and not self.baseline:
+        frame = llm.count_tokens(USER_PROMPT[question_language(question)].format(documents="", question=question))
+        if not self.settings.prompt_cache:
+            frame += llm.count_tokens(SYSTEM_PROMPT)  # evaluated with every prompt when its state is not kept
+        translation = None
+        if translated:
+            original = question.removesuffix("\n" + translated)  # `question` is "original\ntranslated" (_ask)
+            asked = TRANSLATE_PROMPT + max(TRANSLATE_USER.values(), key=len).format(question=original)
+            translation = (llm.count_tokens(asked), llm.count_tokens(translated))
+        return passage_budget(self.settings, getattr(llm, "rates", None), frame, n_passages, translation)
+
+    def fit_hits(
+        self, question: str, hits: list[Hit], vector: list[float] | None = None, translated: str | None = None
+    ) -> tuple[list[Hit], Budget | None]:
+        """The passages as the model will see them, and the budget they were fitted to: their best sentences
+        within the passage budget (see retrieve.focus), and never more than the context window holds,
+        whole: never cut one mid-way. The baseline pipeline has no budget (whole passages)."""
+        llm = self.llm
+        budget = None
+        if not self.baseline:
+            budget = self.passage_budget(question, len(hits), translated)
+        if budget is not None and budget.tokens > 0:
             embed = self._embed_sentences if self.settings.focus_embed else None
-            hits = focus(question, hits, self.settings.context_tokens, llm.count_tokens, vector, embed,
+            hits = focus(question, hits, budget.tokens, llm.count_tokens, vector, embed,
                          split_chars=self.settings.focus_split_chars)
         fixed = SYSTEM_PROMPT + max(USER_PROMPT.values(), key=len)
-        budget = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + question) - 32
+        room = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + question) - 32
         kept: list[Hit] = []
         for hit in hits:
             cost = llm.count_tokens(hit.prompt_text) + 24
-            if cost <= budget:
+            if cost <= room:
                 kept.append(hit)
-                budget -= cost
-        return kept
+                room -= cost
+        return kept, budget
 
     def _embed_sentences(self, texts: list[str]) -> list[list[float]]:
         """Sentence vectors for `focus`, remembered: chat follow-ups and a server see the same passages."""
@@ -662,12 +687,12 @@ class QA:
         found = [h.as_dict() for h in hits]
         t_focus = time.perf_counter()
         both_forms = f"{standalone}\n{translated}" if translated else standalone  # what sentences are scored against
-        hits = self.fit_hits(both_forms, hits, retrieval.vector)
+        hits, budget = self.fit_hits(both_forms, hits, retrieval.vector, translated)
         timings["focus_ms"] = round((time.perf_counter() - t_focus) * 1000, 1)
         if context_only:
             timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             return Answer(question, None, None, [], found, None, timings, standalone, hits,
-                          [context_entry(n, h) for n, h in enumerate(hits, start=1)], translated)
+                          [context_entry(n, h) for n, h in enumerate(hits, start=1)], translated, budget=budget)
         lang = question_language(question)
         if not hits:
             answer = REFUSAL[lang]
@@ -675,7 +700,7 @@ class QA:
                 on_token(answer)
             timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             return Answer(question, answer, True, [], found, self.llm.name, timings, standalone, hits,
-                          translated=translated)
+                          translated=translated, budget=budget)
 
         messages = (
             build_baseline_messages(standalone, hits) if self.baseline else build_messages(standalone, hits, translated)
@@ -773,4 +798,5 @@ class QA:
             translated=translated,
             grounding=grounding,
             refusal_p=round(gate.p, 4) if gate is not None and gate.p is not None else None,
+            budget=budget,
         )

@@ -38,7 +38,14 @@ class Settings:
     chunk_size: int = 400
     chunk_overlap: int = 80
     k: int = 5
-    context_tokens: int = 300  # passage tokens in the prompt: sentences chosen to fill it; 0 = whole passages
+    # Passage tokens in the prompt where no time budget applies: sentences chosen to fill it; 0 = whole passages.
+    context_tokens: int = 300
+    # The time budget (ragqa/budget.py): passage tokens follow from the host's measured prefill rate so that
+    # the first token comes in about this many seconds; None keeps context_tokens. Floor and cap: the
+    # quality-latency curve on the eval's tune part (evals/RESULTS.md).
+    ttft_target_s: float | None = 5.0
+    context_floor: int = 200
+    context_cap: int = 800
     # A question in another language than the documents is also put into theirs by the model (a short
     # call): retrieval searches both forms, focus scores sentences against both, the prompt shows both.
     translate_query: bool = True

@@ -152,6 +152,9 @@ def test_bench_ttft_restores_the_saved_system_prompt_each_fresh_process(corpus_s
     res = json.loads((out / "ttft.json").read_text(encoding="utf-8"))
     assert res["questions"] == 3 and res["prompt_cache"] is True
     assert res["context_tokens"] == Settings().context_tokens  # the default budget, whatever it is
+    # the kernel probe is off in tests: no measured rates, so every answer kept the fixed budget
+    assert res["budget_tokens_p50"] == Settings().context_tokens
+    assert {row["budget_tokens"] for row in res["per_question"]} == {Settings().context_tokens}
     for row in res["per_question"]:
         assert 20 < row["cached_tokens"] < row["prompt_tokens"]
     assert res["evaluated_tokens_mean"] < res["prompt_tokens_mean"]

@@ -46,6 +46,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         prompt_s = (t["ttft_ms"] - t["retrieve_ms"] - (t.get("focus_ms") or 0)) / 1000
         rows.append({"id": q["id"], "lang": q["lang"], "ttft_ms": t["ttft_ms"], "retrieve_ms": t["retrieve_ms"],
                      "focus_ms": t.get("focus_ms"), "prompt_tokens": prompt, "cached_tokens": cached,
+                     "budget_tokens": a.budget.tokens if a.budget else None,
                      "prompt_tok_s": rnd(ratio(prompt - cached, prompt_s) if prompt else None)})
     ttft = [r["ttft_ms"] for r in rows]
     prompts = [r["prompt_tokens"] for r in rows if r["prompt_tokens"]]
@@ -60,6 +61,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                                     / len(prompts) if prompts else None, 1),
         "focus_ms": summarize_ms([r["focus_ms"] for r in rows if r["focus_ms"] is not None]),
         "context_tokens": ctx.settings.context_tokens,
+        # the passage budget the answers used (ragqa/budget.py): from ttft_target_s and the probed rates
+        "budget_tokens_p50": median([r["budget_tokens"] for r in rows if r["budget_tokens"] is not None]),
+        "ttft_target_s": ctx.settings.ttft_target_s,
         "prompt_cache": ctx.settings.prompt_cache,
         "prompt_tok_s_p50": rnd(median([r["prompt_tok_s"] for r in rows if r["prompt_tok_s"]]), 1),
         "per_question": rows,
@@ -78,6 +82,7 @@ def table(res: dict[str, Any]) -> Table:
         [["TTFT ms", res["ttft_ms"]["p50"], res["ttft_ms"]["p95"]],
          ["retrieval ms", res["retrieve_ms"]["p50"], res["retrieve_ms"]["p95"]],
          ["sentence focus ms", res["focus_ms"]["p50"], res["focus_ms"]["p95"]],
+         ["passage budget tokens", res["budget_tokens_p50"], None],
          ["prompt tokens (mean)", res["prompt_tokens_mean"], None],
          ["  of which evaluated (rest: saved system prompt)", res["evaluated_tokens_mean"], None],
          ["prompt tok/s (evaluated)", res["prompt_tok_s_p50"], None]])
