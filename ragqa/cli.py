@@ -188,7 +188,8 @@ def _export_onnx(name: str, settings: Any) -> None:
         err.print(escape(f"warning: {exc}; {name} keeps running on torch"))
         return
     if path is not None:
-        err.print(escape(f"{name}: ONNX export ready in {time.perf_counter() - t0:.1f} s → {path}"))
+        what = "ONNX export" if precision == "fp32" else f"{precision} ONNX export"
+        err.print(escape(f"{name}: {what} ready in {time.perf_counter() - t0:.1f} s → {path}"))
 
 
 @models_app.command("path")
