@@ -41,7 +41,8 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Answering m
 KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Passages given to the model.")]
 ChatFormatOpt = Annotated[str | None, typer.Option("--chat-format", help="llama-cpp-python chat format.")]
 GpuOpt = Annotated[int | None, typer.Option("--gpu-layers", help="Layers offloaded to the GPU (-1: all).")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp and the embedder.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp (the embedder's: "
+                                                "embed_threads).")]
 LlmUrlOpt = Annotated[str | None, typer.Option(
     "--llm-url", help="Answer through an OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1.")]
 LlmModelOpt = Annotated[str | None, typer.Option(
@@ -105,7 +106,8 @@ def prestart_embedder(settings: Settings) -> None:
     """Answering commands start the embedder's session build before their slow imports (see onnx_export.prestart)."""
     from ragqa.onnx_export import prestart
 
-    prestart(settings.embedder, settings.models_dir, settings.n_threads, settings.embed_runtime)
+    prestart(settings.embedder, settings.models_dir, settings.embedder_threads, settings.embed_runtime,
+             settings.embed_precision)
 
 
 # ---- models ------------------------------------------------------------------------------------------
@@ -180,23 +182,27 @@ def _fetch_quietly(name: str, settings: Settings) -> str:
 
 
 def _export_onnx(name: str, settings: Any) -> None:
-    """Make the ONNX export the embedder's fast runtime needs; if it fails, say so and keep torch (unless the
-    settings insist on ONNX), since the export only changes speed, never the vectors."""
+    """Make the ONNX export the embedder's fast runtime needs, and its int8 copy when embed_precision is int8;
+    if the fp32 export fails, say so and keep torch (unless the settings insist on ONNX or int8), since that
+    export only changes speed, never the vectors."""
     from ragqa import onnx_export
 
-    if not onnx_export.export_due(name, settings.models_dir):
+    precision = settings.embed_precision
+    if not onnx_export.export_due(name, settings.models_dir, precision):
         return
     t0 = time.perf_counter()
-    err.print(escape(f"{name}: exporting to ONNX for a faster embedder (once; ~30 s on 2 cores)"))
+    step = "exporting to ONNX" + (f" and quantizing to {precision}" if precision != "fp32" else "")
+    err.print(escape(f"{name}: {step} for a faster embedder (once; ~30 s each on 2 cores)"))
     try:
-        path = onnx_export.export_model(name, settings.models_dir)
+        path = onnx_export.export_model(name, settings.models_dir, precision)
     except RagqaError as exc:
-        if settings.embed_runtime == "onnx":
+        if settings.embed_runtime == "onnx" or precision != "fp32":
             raise
         err.print(escape(f"warning: {exc}; {name} keeps running on torch"))
         return
     if path is not None:
-        err.print(escape(f"{name}: ONNX export ready in {time.perf_counter() - t0:.1f} s → {path}"))
+        what = "ONNX export" if precision == "fp32" else f"{precision} ONNX export"
+        err.print(escape(f"{name}: {what} ready in {time.perf_counter() - t0:.1f} s → {path}"))
 
 
 @models_app.command("path")

@@ -55,6 +55,10 @@ class Settings:
     rrf_k: int = 60
     embed_batch_size: int = 16
     embed_runtime: str = "auto"  # "auto" (ONNX export if present, else torch), "onnx" or "torch"; same vectors
+    # "int8": the ONNX export's MatMul weights quantized (onnx_export.quantize_int8), ~2x the chunks/s at the
+    # same evidence_recall@k (evals/RESULTS.md); other vectors than fp32, so the index records it.
+    embed_precision: str = "fp32"
+    embed_threads: int = 0  # ONNX Runtime / torch threads of the embedder; 0 = the host's physical cores
     # Generation.
     n_ctx: int = 4096
     n_threads: int = 2
@@ -87,6 +91,12 @@ class Settings:
     def models_dir(self) -> Path:
         return Path(self.models) if self.models else Path(self.home) / "models"
 
+    @property
+    def embedder_threads(self) -> int:
+        """`embed_threads`, or the physical cores when it is 0: a matrix kernel on a core's second hardware
+        thread shares that core's vector units, so extra threads only add contention."""
+        return self.embed_threads if self.embed_threads > 0 else physical_cores()
+
     def public_items(self) -> list[tuple[str, Any, str]]:
         """(key, value, source) for display, with derived paths filled in."""
         out = []
@@ -108,6 +118,26 @@ class Settings:
         new = dataclasses.replace(self, **changes)
         new.sources = {**self.sources, **{k: "override" for k in changes}}
         return new
+
+
+def physical_cores() -> int:
+    """Physical CPU cores this process may run on (Linux: distinct core ids in /proc/cpuinfo among the
+    allowed CPUs); the logical count where that cannot be read."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    try:
+        cpu = package = ""
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "processor":
+                cpu = value
+            elif key == "physical id":
+                package = value
+            elif key == "core id" and cpu.isdigit() and int(cpu) in allowed:
+                cores.add((package, value))
+    except OSError:
+        pass
+    return max(1, len(cores) or len(allowed))
 
 
 _HINTS = get_type_hints(Settings)

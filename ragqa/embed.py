@@ -12,12 +12,15 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.embeddings import Embeddings
 
 from ragqa import models, onnx_export
 from ragqa.errors import RagqaError
+
+if TYPE_CHECKING:
+    from ragqa.config import Settings
 
 
 class SentenceTransformerEmbeddings(Embeddings):
@@ -87,19 +90,22 @@ class OnnxEmbeddings(Embeddings):
     transformers or sentence-transformers: only onnxruntime, numpy and the Rust `tokenizers`. That is what
     makes a cold `ragqa ask` seconds faster. Tokenization copies what sentence-transformers does for this
     folder: the prompt prepended as text, the folder's tokenizer.json (which adds <bos> … <eos>), truncation
-    to max_seq_length, right padding with the pad id.
+    to max_seq_length, right padding with the pad id. With precision "int8" it runs the quantized copy
+    (onnx_export.quantize_int8) instead: close vectors, not the same ones.
     """
 
-    def __init__(self, name: str, path: Path, batch_size: int = 16, threads: int | None = None) -> None:
+    def __init__(self, name: str, path: Path, batch_size: int = 16, threads: int | None = None,
+                 precision: str = "fp32") -> None:
         try:
             import onnxruntime  # noqa: F401  (missing: fail here, with the pip hint)
             import tokenizers  # noqa: F401
         except ImportError as exc:
             raise RagqaError(f"cannot run embedder {name} on ONNX Runtime: {exc}; pip install onnxruntime") from None
-        stale = onnx_export.export_status(path)
+        stale = onnx_export.export_status(path, precision)
         if stale:
             raise RagqaError(f"cannot run embedder {name} on ONNX Runtime: {stale}; run: ragqa models fetch {name}")
         self.name = name
+        self.precision = precision
         self.batch_size = max(1, batch_size)
         try:
             st_config = json.loads((path / "config_sentence_transformers.json").read_text(encoding="utf-8"))
@@ -109,7 +115,7 @@ class OnnxEmbeddings(Embeddings):
             self.query_prompt = str(prompts.get("query", ""))
             self.document_prompt = str(prompts.get("document", ""))
             max_len = int(bert_config.get("max_seq_length") or tok_config.get("model_max_length"))
-            model_file = onnx_export.onnx_dir(path) / onnx_export.ONNX_FILE
+            model_file = onnx_export.onnx_dir(path, precision) / onnx_export.ONNX_FILE
             prestarted = onnx_export.take_prestarted(model_file, threads)
             self.session = prestarted or onnx_export.session(model_file, threads)
             self.tokenizer = FolderTokenizer(path, max_len, str(tok_config.get("pad_token") or "<pad>"))
@@ -293,18 +299,39 @@ RUNTIMES = ("auto", "onnx", "torch")
 
 
 def load_embedder(
-    name: str, models_dir: Path, batch_size: int = 16, threads: int | None = None, runtime: str = "auto"
+    name: str, models_dir: Path, batch_size: int = 16, threads: int | None = None, runtime: str = "auto",
+    precision: str = "fp32",
 ) -> Embeddings:
     """Build the embedder `name`; for sentence-transformers folders `runtime` picks what runs it.
 
     "auto" uses the ONNX export when it is there and current (same vectors, no torch import), else torch;
-    "onnx" insists on the export; "torch" never uses it. The index records `name` either way: the runtime
-    changes speed, not vectors (tests/test_embed.py holds them equal within float noise).
+    "onnx" insists on the export; "torch" never uses it. The runtime changes speed, not vectors
+    (tests/test_embed.py holds them equal within float noise), so the index records `name` and `precision`
+    only. "int8" runs the quantized export (other vectors, close ones), made here on first use if `ragqa
+    models fetch` has not made it: ONNX Runtime only, since torch has no such copy of the model.
     """
     if runtime not in RUNTIMES:
         raise RagqaError(f"invalid embed_runtime '{runtime}'; use one of: {', '.join(RUNTIMES)}")
+    if precision not in onnx_export.PRECISIONS:
+        raise RagqaError(f"invalid embed_precision '{precision}'; use one of: {', '.join(onnx_export.PRECISIONS)}")
     display, path, kind = models.resolve(name, models_dir, kind="embedder")
+    if precision != "fp32":
+        if kind != "sentence-transformers" or runtime == "torch":
+            raise RagqaError(f"embed_precision '{precision}' runs on ONNX Runtime only, from an ONNX export of "
+                             f"a sentence-transformers folder; set embed_precision = \"fp32\" for {display} on "
+                             f"{'torch' if runtime == 'torch' else kind}")
+        if onnx_export.export_status(path) is None and onnx_export.export_status(path, precision) is not None:
+            print(f"{display}: quantizing the ONNX export to {precision} (once; ~30 s on 2 cores)", file=sys.stderr)
+            onnx_export.quantize_int8(path)
+        return OnnxEmbeddings(display, path, batch_size=batch_size, threads=threads, precision=precision)
     if kind == "sentence-transformers" and runtime != "torch":
         if runtime == "onnx" or onnx_export.ready(path):
             kind = "onnx"
     return EMBEDDERS[kind](display, path, batch_size=batch_size, threads=threads)
+
+
+def from_settings(settings: Settings) -> Embeddings:
+    """The embedder `settings` describe (name, models folder, batch size, threads, runtime, precision)."""
+    return load_embedder(settings.embedder, settings.models_dir, batch_size=settings.embed_batch_size,
+                         threads=settings.embedder_threads, runtime=settings.embed_runtime,
+                         precision=settings.embed_precision)

@@ -299,25 +299,34 @@ class Index:
 
     # ---- embedder and vector store -----------------------------------------------------------------
     def check_embedder(self) -> None:
-        built_with = self.meta().get("embedder")
+        meta = self.meta()
+        built_with = meta.get("embedder")
         if built_with and built_with != self.settings.embedder:
             raise RagqaError(
                 f"index {self.dir} was built with embedder '{built_with}', not '{self.settings.embedder}'; "
                 f"use --embedder {built_with}, or re-ingest with --rebuild to switch"
             )
+        self._check_precision(meta)
+
+    def _check_precision(self, meta: dict[str, str]) -> None:
+        """int8 and fp32 vectors of one model are close, not equal: a query of the one against chunks of the
+        other, or a store holding both, would rank silently worse, so a mismatch stops with one line."""
+        if not meta.get("embedder"):
+            return  # nothing built yet
+        built = meta.get("embed_precision") or "fp32"  # indexes from before the setting hold fp32 vectors
+        wanted = self.settings.embed_precision
+        if built != wanted:
+            raise RagqaError(
+                f"index {self.dir} holds {built} vectors of {meta['embedder']}, but embed_precision is {wanted}; "
+                f"re-ingest with --rebuild to switch, or set embed_precision = \"{built}\""
+            )
 
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
-            from ragqa.embed import load_embedder
+            from ragqa.embed import from_settings
 
-            self._embedder = load_embedder(
-                self.settings.embedder,
-                self.settings.models_dir,
-                batch_size=self.settings.embed_batch_size,
-                threads=self.settings.n_threads,
-                runtime=self.settings.embed_runtime,
-            )
+            self._embedder = from_settings(self.settings)
         return self._embedder
 
     def _legacy_collection_name(self) -> str:
@@ -445,8 +454,10 @@ class Index:
                         f"index {self.dir} was built with embedder '{meta['embedder']}'; "
                         f"re-ingest with --rebuild to switch to '{self.settings.embedder}'"
                     )
+                self._check_precision(meta)
                 # A change of chunking invalidates every file's chunks: treat all as changed.
                 same_chunking = all(meta.get(k) == v for k, v in settings_meta.items()) if meta else True
+                settings_meta["embed_precision"] = self.settings.embed_precision  # equal, or stopped above
                 known = {p: s for p, s, _ in con.execute("SELECT path, sha256, n_chunks FROM files")}
                 if meta.get("collection"):
                     self._collection = meta["collection"]

@@ -11,6 +11,9 @@ written last, and only then is it renamed into place. The stamp records the sour
 mtime) and the exporter versions; `export_status` compares it with the folder cheaply (no hashing of the
 1.2 GB weights at load time), so a stale or partial export is never used, only redone.
 
+`quantize_int8` derives `<model folder>/onnx-int8/` from that export (embed_precision = "int8"), with the
+same stamp, checks and atomic publish; its stamp adds the quantization recipe, so a changed recipe redoes it.
+
 This module imports torch only inside `export_onnx`; `export_status`, `ready` and `onnx_dir` are cheap and
 torch-free because the runtime calls them on every load, and the module imports no LangChain, so `prestart`
 can run before a cold process's slow imports.
@@ -32,6 +35,7 @@ from ragqa import models
 from ragqa.errors import RagqaError, storage_error
 
 ONNX_DIR = "onnx"
+PRECISIONS = ("fp32", "int8")
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # the weights, beside the graph (see _externalize)
 STAMP_FILE = "stamp.json"
@@ -41,8 +45,16 @@ SOURCE_WEIGHTS = "model.safetensors"
 SUPPORTED_MODEL_TYPES = ("gemma3_text",)  # the mask building below is Gemma3's (bidirectional + sliding window)
 
 
-def onnx_dir(model_dir: Path) -> Path:
-    return model_dir / ONNX_DIR
+# The int8 recipe (quantize_int8): dynamic quantization of the MatMul weights, int8 per output channel, with
+# reduce_range (7-bit weights: no overflow of the u8 x s8 multiply-adds on AVX2/AVX-512 without VNNI). The
+# MatMuls whose node names hold one of `exclude` stay fp32: the final Dense projections, whose error no later
+# layer averages out. Measured against fp32 on corpus/ and the tune questions in evals/RESULTS.md.
+INT8_RECIPE: dict[str, Any] = {"op_types": ["MatMul"], "weight_type": "QInt8", "per_channel": True,
+                               "reduce_range": True, "exclude": ["denses"]}
+
+
+def onnx_dir(model_dir: Path, precision: str = "fp32") -> Path:
+    return model_dir / (ONNX_DIR if precision == "fp32" else f"{ONNX_DIR}-{precision}")
 
 
 def _source_facts(model_dir: Path) -> dict[str, Any]:
@@ -50,35 +62,39 @@ def _source_facts(model_dir: Path) -> dict[str, Any]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def export_status(model_dir: Path) -> str | None:
-    """None when `<model_dir>/onnx` holds a complete export of the weights now in `model_dir`, else why not.
+def export_status(model_dir: Path, precision: str = "fp32") -> str | None:
+    """None when `onnx_dir(model_dir, precision)` holds a complete export of the weights now in `model_dir`
+    (for int8: made with today's INT8_RECIPE), else why not.
 
     Cheap on purpose (stat calls and one small JSON read): it runs on every embedder load.
     """
-    out = onnx_dir(model_dir)
+    out = onnx_dir(model_dir, precision)
+    what = "ONNX export" if precision == "fp32" else f"{precision} ONNX export"
     stamp_path = out / STAMP_FILE
     if not stamp_path.is_file():
-        return "no ONNX export"
+        return f"no {what}"
     try:
         stamp = json.loads(stamp_path.read_text(encoding="utf-8"))
         if stamp.get("stamp_version") != STAMP_VERSION:
-            return "ONNX export was made by another ragqa version"
+            return f"{what} was made by another ragqa version"
         if stamp.get("source") != _source_facts(model_dir):
-            return "ONNX export is of other weights than the folder now holds"
+            return f"{what} is of other weights than the folder now holds"
+        if precision == "int8" and stamp.get("recipe") != INT8_RECIPE:
+            return f"{what} was made with another quantization recipe"
         for name, size in stamp["files"].items():
             path = out / name
             if not path.is_file() or path.stat().st_size != size:
-                return f"ONNX export file {name} is missing or truncated"
+                return f"{what} file {name} is missing or truncated"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return "ONNX export stamp is unreadable"
+        return f"{what} stamp is unreadable"
     return None
 
 
-def ready(model_dir: Path) -> bool:
+def ready(model_dir: Path, precision: str = "fp32") -> bool:
     """An up-to-date export sits in the folder and onnxruntime + tokenizers import (checked without importing)."""
     import importlib.util
 
-    if export_status(model_dir) is not None:
+    if export_status(model_dir, precision) is not None:
         return False
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "tokenizers"))
 
@@ -172,9 +188,9 @@ def export_onnx(model_dir: Path, sha256: str | None = None, opset: int = 18) -> 
             f"exporting {model_dir.name} to ONNX failed: {exc.strerror or exc}") from None
 
 
-def export_model(name: str, models_dir: Path) -> Path | None:
-    """Give a fetched sentence-transformers embedder of the registry its ONNX export (a no-op when current);
-    None if it has none.
+def export_model(name: str, models_dir: Path, precision: str = "fp32") -> Path | None:
+    """Give a fetched sentence-transformers embedder of the registry its ONNX export, and for "int8" its
+    quantized one too (a no-op when current); the folder `precision` runs from, or None if it has none.
 
     Kept apart from `models.fetch` because it needs torch and minutes of CPU: `ragqa models fetch` / `setup`
     call it, library callers that only want the weights do not pay for it. The runtime falls back to torch
@@ -186,14 +202,17 @@ def export_model(name: str, models_dir: Path) -> Path | None:
         return None
     if not models.is_fetched(spec, models_dir):
         raise RagqaError(f"model {name} is not fetched yet; run: ragqa models fetch {name}")
-    return export_onnx(path, sha256=spec.sha256)
+    out = export_onnx(path, sha256=spec.sha256)
+    return quantize_int8(path) if precision == "int8" else out
 
 
-def export_due(name: str, models_dir: Path) -> bool:
-    """Whether `export_model` has work to do: an embedder it can export whose export is missing or stale."""
+def export_due(name: str, models_dir: Path, precision: str = "fp32") -> bool:
+    """Whether `export_model` has work to do: an embedder it can export whose export (or, for "int8", whose
+    quantized export) is missing or stale."""
     spec = models.get_spec(name)
     path = models.final_path(spec, models_dir)
-    return _registry_exportable(spec, path) and export_status(path) is not None
+    return _registry_exportable(spec, path) and (
+        export_status(path) is not None or (precision == "int8" and export_status(path, "int8") is not None))
 
 
 def _registry_exportable(spec: models.ModelSpec, path: Path) -> bool:
@@ -275,6 +294,68 @@ def _export(model_dir: Path, out: Path, sha256: str | None, opset: int) -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def quantize_int8(model_dir: Path) -> Path:
+    """Make `<model_dir>/onnx-int8/` from the current fp32 export, by INT8_RECIPE, unless it is there; return it.
+
+    Why dynamic quantization of the weights only: activations are quantized per call from their own range,
+    so no calibration set is needed and the vectors stay close to fp32 (cosine >= 0.97, tests/test_embed.py),
+    while the MatMuls, most of the compute, run on u8 x s8 integer kernels (~2x the chunks/s on 2 cores).
+    The 262k-row token table is a Gather, not a MatMul: it stays fp32, so the export shrinks 1.2 -> 0.9 GB.
+    """
+    out = onnx_dir(model_dir, "int8")
+    if export_status(model_dir, "int8") is None:
+        return out
+    stale = export_status(model_dir)
+    if stale:
+        raise RagqaError(f"cannot quantize {model_dir.name} to int8: {stale}; run: ragqa models fetch")
+    try:
+        return _quantize(model_dir, out)
+    except OSError as exc:
+        raise storage_error(exc, model_dir, "quantizing to int8") or RagqaError(
+            f"quantizing {model_dir.name} to int8 failed: {exc.strerror or exc}") from None
+
+
+def _quantize(model_dir: Path, out: Path) -> Path:
+    import logging
+
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = onnx_dir(model_dir) / ONNX_FILE
+    graph = onnx.load(str(source), load_external_data=False).graph
+    exclude = [n.name for n in graph.node if n.op_type in INT8_RECIPE["op_types"]
+               and any(part in n.name for part in INT8_RECIPE["exclude"])]
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=model_dir))
+    quiet = logging.getLogger().level
+    try:
+        fp32_stamp = json.loads((onnx_dir(model_dir) / STAMP_FILE).read_text(encoding="utf-8"))
+        target = work / ONNX_FILE
+        logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to pre-process is not the user's
+        try:
+            quantize_dynamic(
+                source, target,
+                op_types_to_quantize=list(INT8_RECIPE["op_types"]),
+                per_channel=bool(INT8_RECIPE["per_channel"]),
+                reduce_range=bool(INT8_RECIPE["reduce_range"]),
+                weight_type=getattr(QuantType, str(INT8_RECIPE["weight_type"])),
+                nodes_to_exclude=exclude,
+            )
+        except (RuntimeError, ValueError, TypeError, onnx.checker.ValidationError) as exc:
+            raise RagqaError(
+                f"quantizing {model_dir.name} to int8 failed: {str(exc).splitlines()[0][:200]}") from None
+        finally:
+            logging.getLogger().setLevel(quiet)
+        _externalize(target, work / DATA_FILE)
+        files = {p.name: p.stat().st_size for p in work.iterdir() if p.is_file()}
+        stamp = {**fp32_stamp, "recipe": INT8_RECIPE, "excluded_nodes": exclude, "files": files,
+                 "versions": {**fp32_stamp.get("versions", {}), "onnxruntime": onnxruntime.__version__}}
+        (work / STAMP_FILE).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
+        return models.publish_dir(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def session(model_file: Path, threads: int | None) -> Any:
     """An ONNX Runtime session on the CPU: `threads` for one operator, one operator at a time."""
     import onnxruntime as ort
@@ -290,7 +371,8 @@ def session(model_file: Path, threads: int | None) -> Any:
 _prestarted: dict[tuple[str, int | None], Future] = {}
 
 
-def prestart(name: str, models_dir: Path, threads: int | None = None, runtime: str = "auto") -> None:
+def prestart(name: str, models_dir: Path, threads: int | None = None, runtime: str = "auto",
+             precision: str = "fp32") -> None:
     """Begin building the ONNX Runtime session of embedder `name` in a thread; a cold `ragqa ask` calls this
     before anything heavy.
 
@@ -304,9 +386,9 @@ def prestart(name: str, models_dir: Path, threads: int | None = None, runtime: s
         _, path, kind = models.resolve(name, models_dir, kind="embedder")
     except RagqaError:
         return
-    if kind != "sentence-transformers" or runtime == "torch" or not ready(path):
+    if kind != "sentence-transformers" or runtime == "torch" or not ready(path, precision):
         return
-    model_file = onnx_dir(path) / ONNX_FILE
+    model_file = onnx_dir(path, precision) / ONNX_FILE
     key = (str(model_file), threads)
     if key in _prestarted:
         return

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,12 @@ def test_switches_read_as_booleans_from_every_layer(tmp_path: Path) -> None:
     assert load_settings({}, env={"RAGQA_CONFIG": str(toml)}).prompt_cache is False
     with pytest.raises(RagqaError, match="invalid value 'maybe' for 'prompt_cache'"):
         load_settings({}, env={"RAGQA_PROMPT_CACHE": "maybe"})
+
+
+def test_embed_threads_zero_means_the_physical_cores() -> None:
+    from ragqa.config import physical_cores
+
+    cores = physical_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert load_settings({}, env={}).embedder_threads == cores
+    assert load_settings({"embed_threads": 3}, env={}).embedder_threads == 3

@@ -96,6 +96,29 @@ def _vector_sources(idx: Index) -> set[str]:
 
 
 @pytest.mark.slow
+def test_a_precision_other_than_the_index_is_one_clear_error(tmp_path: Path, embedder, models_dir: Path,
+                                                            corpus_settings: Settings) -> None:
+    """int8 and fp32 vectors are close, not equal: an index never mixes them, nor is queried across them."""
+    idx, docs = _small_index(tmp_path, embedder)
+    idx.ingest([docs])
+    assert idx.meta()["embed_precision"] == "fp32"
+    int8 = Index(idx.settings.replace(embed_precision="int8"), embedder=embedder)
+    for attempt in (int8.check_embedder, lambda: int8.ingest([docs])):
+        with pytest.raises(RagqaError, match="holds fp32 vectors.*--rebuild.*embed_precision = \"fp32\""):
+            attempt()
+    env = {"RAGQA_INDEX": str(idx.dir), "RAGQA_MODELS": str(models_dir), "RAGQA_EMBED_PRECISION": "int8",
+           "RAGQA_CHUNK_SIZE": "120", "RAGQA_CHUNK_OVERLAP": "20"}
+    assert_one_line_error(run_cli("ingest", str(docs), env=env), "holds fp32 vectors", "--rebuild")
+    rebuilt = run_cli("ingest", "--rebuild", str(docs), env=env)  # the way to switch
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    with pytest.raises(RagqaError, match="holds int8 vectors"):
+        Index(idx.settings, embedder=embedder).check_embedder()
+    env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
+           "RAGQA_EMBED_PRECISION": "int8"}
+    assert_one_line_error(run_cli("ask", "杰文斯悖论是什么？", env=env), "holds fp32 vectors", "--rebuild")
+
+
+@pytest.mark.slow
 def test_changed_and_deleted_files(tmp_path: Path, embedder) -> None:
     idx, docs = _small_index(tmp_path, embedder)
     first = idx.ingest([docs])

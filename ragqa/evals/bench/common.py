@@ -120,6 +120,8 @@ def machine(settings: Settings) -> dict[str, Any]:
         "loadavg_at_start": list(os.getloadavg()),
         "embedder": settings.embedder,
         "embed_runtime": settings.embed_runtime,
+        "embed_precision": settings.embed_precision,
+        "embed_threads": settings.embedder_threads,
         "model": settings.model,
         "repack": settings.repack,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -148,11 +150,9 @@ class BenchContext:
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
-            from ragqa.embed import load_embedder
+            from ragqa.embed import from_settings
 
-            s = self.settings
-            self._embedder = load_embedder(s.embedder, s.models_dir, batch_size=s.embed_batch_size, threads=s.n_threads,
-                                            runtime=s.embed_runtime)
+            self._embedder = from_settings(self.settings)
         return self._embedder
 
     @property

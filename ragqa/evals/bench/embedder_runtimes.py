@@ -29,14 +29,13 @@ t0 = time.perf_counter()
 runtime = sys.argv[1]
 from pathlib import Path
 from ragqa.config import load_settings
-from ragqa.embed import load_embedder
+from ragqa.embed import from_settings
 if runtime == "torch":
     import sentence_transformers, torch  # noqa: F401  what SentenceTransformerEmbeddings imports
 else:
     import onnxruntime, tokenizers  # noqa: F401  what OnnxEmbeddings imports
 t1 = time.perf_counter()
-s = load_settings()
-e = load_embedder(s.embedder, s.models_dir, batch_size=s.embed_batch_size, threads=s.n_threads, runtime=runtime)
+e = from_settings(load_settings().replace(embed_runtime=runtime))
 t2 = time.perf_counter()
 v = e.embed_query("杰文斯悖论是什么？")
 t3 = time.perf_counter()
@@ -68,10 +67,9 @@ def warm(runtime: str, texts: list[str], queries: list[str]) -> dict[str, float]
     import numpy as np
 
     from ragqa.config import load_settings
-    from ragqa.embed import load_embedder
+    from ragqa.embed import from_settings
 
-    s = load_settings()
-    e = load_embedder(s.embedder, s.models_dir, batch_size=s.embed_batch_size, threads=s.n_threads, runtime=runtime)
+    e = from_settings(load_settings().replace(embed_runtime=runtime))
     e.embed_query("warm up")
     t = time.perf_counter()
     vecs = e.embed_documents(texts)
