@@ -18,6 +18,10 @@ def test_config_shows_values_and_sources(tmp_path: Path) -> None:
     assert data["k"] == {"value": 3, "source": str(toml)}
     assert data["chunk_size"] == {"value": 500, "source": "env RAGQA_CHUNK_SIZE"}
     assert data["model"]["source"] == "default"
+    # The kernel keys: the tests run with the probe off (conftest), so the plain defaults, except a user's value.
+    assert data["kernel_probe"] == {"value": "off", "source": "env RAGQA_KERNEL_PROBE"}
+    assert data["repack"] == {"value": False, "source": "default"}
+    assert run_cli("config", "--json", env={"RAGQA_N_UBATCH": "256"}).stdout.count('"env RAGQA_N_UBATCH"') == 1
     table = run_cli("config")
     assert table.returncode == 0 and "embedder" in table.stdout
 

@@ -88,14 +88,9 @@ def dir_mb(path: Path) -> float:
 
 def machine(settings: Settings) -> dict[str, Any]:
     """What the figures were measured on: without this a number cannot be compared with another."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from ragqa import kernels
+
+    cpu = kernels.cpu_name()
     ram_gb = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -121,7 +116,8 @@ def machine(settings: Settings) -> dict[str, Any]:
         "embedder": settings.embedder,
         "embed_runtime": settings.embed_runtime,
         "model": settings.model,
-        "repack": settings.repack,
+        # the llama.cpp kernel these settings apply (a probe's record or the defaults), with its sources
+        "kernel": {k: {"value": v, "source": src} for k, (v, src) in kernels.describe(settings).items()},
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
