@@ -207,7 +207,9 @@ def models_probe(
     for col in ("candidate", "prefill tok/s", "gen tok/s", "answer ms", "load s", "same tokens", "auto", ""):
         table.add_column(col)
     for row in data["candidates"]:
-        table.add_row(row["name"], f"{row['prefill_tok_s']:.1f}", f"{row['gen_tok_s']:.2f}",
+        runs = " / ".join(f"{r['prefill_tok_s']:.1f}, {r['gen_tok_s']:.2f}" for r in row.get("runs", []))
+        table.add_row(row["name"] + (f" (first, last: {runs})" if runs else ""),
+                      f"{row['prefill_tok_s']:.1f}", f"{row['gen_tok_s']:.2f}",
                       str(row.get("answer_ms", "—")), f"{row.get('load_s', 0):.2f}",
                       "yes" if row["same_tokens"] else "no", "yes" if row["auto"] else "no (changes arithmetic)",
                       "chosen" if row["name"] == data["chosen"] else escape(row.get("error", "")))
