@@ -33,6 +33,25 @@ def test_choice_weighs_prompt_and_answer_and_needs_a_clear_gain() -> None:
     assert kernels.choose(rows) == "baseline"
 
 
+def test_probe_brackets_the_baseline_against_drift(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The baseline runs first and last: caught in a slow minute once, it keeps its better rates, and a
+    candidate only as fast as the baseline's good run is not chosen."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    speeds = iter([(140, 16), (150, 19), (150, 19), (80, 13), (200, 20), (170, 21), (145, 19.5)])
+
+    def fake_measure(path: Path, kernel: Kernel, *args: Any) -> dict[str, Any]:
+        prefill, gen = next(speeds)
+        return {"prefill_tok_s": prefill, "gen_tok_s": gen, "load_s": 0.5, "tokens": [1, 2]}
+
+    monkeypatch.setattr(kernels, "measure", fake_measure)
+    record, where = kernels.probe(make_settings(models=tmp_path / "models"), model)
+    base = record["candidates"][0]
+    assert (base["prefill_tok_s"], base["gen_tok_s"]) == (145, 19.5) and len(base["runs"]) == 2
+    assert record["chosen"] == "baseline" and len(record["candidates"]) == len(kernels.candidates())
+    assert json.loads(where.read_text(encoding="utf-8")) == record
+
+
 def test_kernel_arguments_reach_llama_in_its_own_terms() -> None:
     plain = Kernel().llama_kwargs()
     assert plain["type_k"] == 1 and "type_v" not in plain and plain["n_threads_batch"] == plain["n_threads"]
