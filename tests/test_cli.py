@@ -108,3 +108,24 @@ def test_answering_commands_take_one_set_of_flags(command: list[str], monkeypatc
     with pytest.raises(Stop):
         cli.ask("问题？")  # `ragqa setup` calls it from Python: every flag left out is None, for the settings to decide
     assert seen["k"] is None and seen["llm_url"] is None and set(seen) >= {"model", "index", "chroma_url"}
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_setup_measures_the_kernel_after_fetching(mode: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`ragqa setup` probes the answering model once its file is there, before indexing; not with the probe off."""
+    from ragqa import cli, kernels, models
+
+    calls: list[str] = []
+    monkeypatch.setenv("RAGQA_KERNEL_PROBE", mode)
+    monkeypatch.setattr(cli, "models_fetch", lambda names, force: calls.append("fetch"))
+    monkeypatch.setattr(cli, "run_ingest", lambda settings, paths: calls.append("ingest"))
+    monkeypatch.setattr(models, "resolve", lambda name, where, kind: (name, tmp_path / "m.gguf", "gguf"))
+    monkeypatch.setattr(kernels, "load_record", lambda settings, path: None)
+
+    def ensure(settings: Settings, path: Path, progress: object = None, force: bool = False) -> tuple[dict, Path]:
+        calls.append("probe")
+        return {"chosen": "baseline", "date": "2026-12-02"}, tmp_path / "record.json"
+
+    monkeypatch.setattr(kernels, "ensure", ensure)
+    cli.setup(None)
+    assert calls == (["fetch", "probe", "ingest"] if mode == "auto" else ["fetch", "ingest"])
