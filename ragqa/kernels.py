@@ -324,10 +324,15 @@ def _combine(settings: Settings, record: tuple[dict[str, Any], Path] | None) -> 
     """User-set keys from the settings, the others from the record's choice (or the defaults)."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    base = Kernel().as_dict()
+    chosen_by_probe = {k for c in candidates() if c.auto for k, v in c.kernel.as_dict().items() if v != base[k]}
     for key in KEYS:
         if key in settings.sources or record is None:
             values[key] = getattr(settings, key)
             sources[key] = settings.sources.get(key, "default")
+        elif key not in chosen_by_probe:  # measured only (see the module docstring)
+            values[key] = getattr(settings, key)
+            sources[key] = "default (the probe measures it, never sets it)"
         else:
             data, path = record
             values[key] = data["kernel"][key]

@@ -117,6 +117,7 @@ def test_probe_is_recorded_reused_and_invalidated(small_probe: Any, monkeypatch:
     kernel, sources = kernels.resolve(settings, path)
     assert kernel.as_dict() == saved["kernel"]
     assert sources["repack"] == f"probe {saved['date']} ({where})"
+    assert sources["flash_attn"].startswith("default") and sources["kv_type"].startswith("default")  # measured only
 
     # Invalidated: another llama.cpp build, or another CPU, is another key; the old record no longer applies.
     real_info, real_flags = kernels.system_info(), kernels.cpu_flags()
