@@ -205,6 +205,56 @@ def _export_onnx(name: str, settings: Any) -> None:
         err.print(escape(f"{name}: {what} ready in {time.perf_counter() - t0:.1f} s → {path}"))
 
 
+@models_app.command("probe")
+def models_probe(
+    model: ModelOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Measure again even if this host has a record.")] = False,
+) -> None:
+    """Measure llama.cpp's kernel settings for the answering model on this host and record the fastest."""
+    from ragqa import kernels, models
+
+    settings = settings_from(model=model)
+    _, path, _ = models.resolve(settings.model, settings.models_dir, kind="llm")
+    record = _run_probe(settings, path, force)
+    if record is None:
+        raise RagqaError(f"llama.cpp could not load {path.name} with its default settings; nothing measured")
+    data, where = record
+    cost = data["cost_model"]
+    table = Table(title=f"kernel probe: {path.name}, {data['host']}, {data['date']} "
+                        f"(answer time = {cost['prompt_tokens']} prompt / prefill + {cost['answer_tokens']} "
+                        f"tokens / gen; chosen if >= {cost['min_gain']:.0%} faster)")
+    for col in ("candidate", "prefill tok/s", "gen tok/s", "answer ms", "load s", "same tokens", "auto", ""):
+        table.add_column(col)
+    for row in data["candidates"]:
+        runs = " / ".join(f"{r['prefill_tok_s']:.1f}, {r['gen_tok_s']:.2f}" for r in row.get("runs", []))
+        table.add_row(row["name"] + (f" (first, last: {runs})" if runs else ""),
+                      f"{row['prefill_tok_s']:.1f}", f"{row['gen_tok_s']:.2f}",
+                      str(row.get("answer_ms", "—")), f"{row.get('load_s', 0):.2f}",
+                      "yes" if row["same_tokens"] else "no", "yes" if row["auto"] else "no (changes arithmetic)",
+                      "chosen" if row["name"] == data["chosen"] else escape(row.get("error", "")))
+    out.print(table)
+    chosen = kernels.Kernel(**data["kernel"])
+    err.print(escape(f"chosen: {data['chosen']} ({chosen.label()}); record {where}"))
+
+
+def _run_probe(settings: Settings, path: Path, force: bool) -> Any:
+    """The kernel probe with a progress bar on stderr; llama.cpp's own output stays out of it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ragqa import kernels
+
+    if not force and (found := kernels.load_record(settings, path)) is not None:
+        return found
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("kernel probe", total=None)
+
+        def report(name: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"kernel probe: {name}")
+
+        return kernels.ensure(settings, path, progress=report, force=True)
+
+
 @models_app.command("path")
 def models_path(name: str) -> None:
     """Print the local file or folder of a fetched model (for scripts)."""
@@ -515,11 +565,15 @@ def bench(
 def setup(
     question: Annotated[str | None, typer.Argument(help="Ask this once everything is ready.")] = None,
 ) -> None:
-    """Fetch the default models and index the corpus (idempotent): what a fresh install needs.
+    """Fetch the default models, index the corpus, measure llama.cpp's kernel settings on this host
+    (idempotent): what a fresh install needs.
 
     The answering model downloads while corpus/ is embedded: the one waits on the network and the disk, the
-    other on the CPU, and the ingest does not need the model (a fresh setup's 1.5B took 23-33 s to fetch)."""
+    other on the CPU, and the ingest does not need the model (a fresh setup's 1.5B took 23-33 s to fetch). The
+    kernel probe needs the model file and the CPU to itself, so it runs last."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from ragqa import models
 
     settings = settings_from()
     models_fetch([settings.embedder], force=False)
@@ -528,6 +582,13 @@ def setup(
         run_ingest(settings, [settings.corpus])
         done = fetching.result()  # its error, if any, is raised here: after the index is safely written
     err.print(escape(done))
+    if settings.kernel_probe == "auto" and not settings.llm_url:
+        _, path, _ = models.resolve(settings.model, settings.models_dir, kind="llm")
+        t0 = time.perf_counter()
+        record = _run_probe(settings, path, force=False)
+        if record is not None:
+            err.print(escape(f"{settings.model}: kernel settings {record[0]['chosen']} "
+                             f"(measured {record[0]['date']}, {time.perf_counter() - t0:.1f} s) → {record[1]}"))
     if question:
         ask(question)
 
@@ -535,16 +596,20 @@ def setup(
 @app.command("config")
 def show_config(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Print the effective settings and where each one came from."""
+    from ragqa import kernels
+
     settings = settings_from()
+    applied = kernels.describe(settings)  # the kernel keys as a model load applies them, probe record included
+    items = [(k, *applied.get(k, (v, s))) for k, v, s in settings.public_items()]
     if as_json:
-        print(json.dumps({k: {"value": str(v) if isinstance(v, Path) else v, "source": s}
-                          for k, v, s in settings.public_items()}, ensure_ascii=False, indent=2))
+        print(json.dumps({k: {"value": str(v) if isinstance(v, Path) else v, "source": s} for k, v, s in items},
+                         ensure_ascii=False, indent=2))
         return
-    table = Table(title="ragqa settings (defaults < ragqa.toml < RAGQA_* env < flags)")
+    table = Table(title="ragqa settings (defaults < kernel probe < ragqa.toml < RAGQA_* env < flags)")
     for col in ("key", "value", "source"):
         table.add_column(col)
-    for key, value, source in settings.public_items():
-        table.add_row(key, str(value), source)
+    for key, value, source in items:
+        table.add_row(key, str(value), escape(source))
     out.print(table)
 
 

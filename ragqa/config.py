@@ -61,7 +61,7 @@ class Settings:
     embed_threads: int = 0  # ONNX Runtime / torch threads of the embedder; 0 = the host's physical cores
     # Generation.
     n_ctx: int = 4096
-    n_threads: int = 2
+    n_threads: int = 2  # llama.cpp's (prompt and generation) and the embedder's
     gpu_layers: int = 0
     temperature: float = 0.0
     max_tokens: int = 400
@@ -73,7 +73,14 @@ class Settings:
     chat_format: str | None = None
     seed: int = 42
     prompt_cache: bool = True  # keep the KV state of the fixed system prompts on disk (home/cache)
-    repack: bool = False  # llama.cpp's CPU weight repacking: faster generation, slower prompt, load (RESULTS.md)
+    # llama.cpp's kernel settings. With kernel_probe "auto", a short probe measures them once per host, model
+    # file and llama.cpp build and applies the fastest that keeps the arithmetic (ragqa/kernels.py); "off"
+    # keeps these defaults. A key set in ragqa.toml, the environment or a flag wins over the probe.
+    kernel_probe: str = "auto"
+    repack: bool = False  # CPU weight repacking (llama.cpp's --no-repack turns it off)
+    n_ubatch: int = 512  # tokens per llama.cpp compute step while evaluating a prompt
+    flash_attn: bool = False  # changes attention's arithmetic: never chosen by the probe
+    kv_type: str = "f16"  # "f16" or "q8_0" (K always; V only with flash_attn): never chosen by the probe
     # Remote services (scale-out).
     llm_url: str | None = None
     llm_model: str | None = None

@@ -18,15 +18,17 @@ import math
 import os
 import re
 import struct
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from ragqa import models
+from ragqa import kernels, models
 from ragqa.config import Settings
 from ragqa.errors import RagqaError
+from ragqa.kernels import Kernel
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": ...}
 
@@ -161,13 +163,16 @@ class LlamaCppChat:
         model_kwargs: dict[str, Any] = {}
         if settings.chat_format:
             model_kwargs["chat_format"] = settings.chat_format  # ChatLlamaCpp ignores its own chat_format field
-        self.repack = settings.repack
+        # Measured once per host, model and llama.cpp build (a ~35 s probe the first time), then read back.
+        self.kernel, self.kernel_sources = kernels.resolve(settings, path, progress=_probe_notice(name))
+        kernel_kwargs = self.kernel.llama_kwargs()
+        model_kwargs.update({k: v for k, v in kernel_kwargs.items() if k != "n_threads"})  # through to Llama()
         try:
-            with _quiet_stderr(), model_params(use_extra_bufts=settings.repack):
+            with _quiet_stderr(), model_params(**self.kernel.model_fields()):
                 self.chat = ChatLlamaCpp(
                     model_path=str(path),
                     n_ctx=settings.n_ctx,
-                    n_threads=settings.n_threads,
+                    n_threads=kernel_kwargs["n_threads"],
                     n_batch=512,  # ChatLlamaCpp's default of 8 makes prompt processing several times slower
                     # ChatLlamaCpp passes its own RoPE defaults (base 10000, scale 1) to llama.cpp, over the
                     # model's: Qwen2.5 is trained with base 1,000,000, so every position past the first few
@@ -193,7 +198,8 @@ class LlamaCppChat:
         self.client = self.chat.client
         self.n_ctx = self.client.n_ctx()
         self.usage: dict[str, int | None] = {"prompt_tokens": None, "completion_tokens": None}
-        self.prefixes = PrefixCache(self.client, path, settings) if settings.prompt_cache else None
+        self.prefixes = PrefixCache(self.client, path, settings, self.kernel) if settings.prompt_cache else None
+        self.rates = kernels.measured_rates(settings)  # for the time budget (ragqa/budget.py); None: unmeasured
 
     def count_tokens(self, text: str) -> int:
         return len(self.client.tokenize(text.encode("utf-8"), add_bos=False, special=False))
@@ -257,7 +263,7 @@ class PrefixCache:
 
     MAX_FILES = 16
 
-    def __init__(self, client: Any, model_path: Path, settings: Settings) -> None:
+    def __init__(self, client: Any, model_path: Path, settings: Settings, kernel: Kernel) -> None:
         import llama_cpp
 
         self.client = client
@@ -266,7 +272,9 @@ class PrefixCache:
         # Everything the saved bytes depend on; a change in any of them makes a new file, never a wrong state.
         self.salt = "|".join(map(str, (
             model_path.resolve(), stat.st_size, stat.st_mtime_ns, llama_cpp.__version__, self.client.n_ctx(),
-            self.client.n_batch, settings.gpu_layers, settings.chat_format, settings.seed, settings.repack,
+            self.client.n_batch, settings.gpu_layers, settings.chat_format, settings.seed,
+            # the kernel: repacked weights, micro-batches, flash attention and the KV type all change the bytes
+            sorted(kernel.as_dict().items()),
             # the RoPE settings the context was made with: a state saved under another base encodes other positions
             getattr(self.client.context_params, "rope_freq_base", None),
             getattr(self.client.context_params, "rope_freq_scale", None),
@@ -358,14 +366,23 @@ class PrefixCache:
             self._file(system).unlink(missing_ok=True)
 
 
+def _probe_notice(name: str) -> Callable[[str, int, int], None]:
+    """One stderr line when a model load has to measure the kernel settings first, so the wait is explained."""
+
+    def notice(candidate: str, done: int, total: int) -> None:
+        if done == 0:
+            sys.stderr.write(f"measuring llama.cpp kernel settings for {name} on this host (once, {total} loads)\n")
+            sys.stderr.flush()
+
+    return notice
+
+
 @contextlib.contextmanager
 def model_params(**fields: Any) -> Iterator[None]:
     """Set llama_model_params fields that `llama_cpp.Llama()` has no argument for, while a model is created.
 
-    Why: `use_extra_bufts` (llama.cpp's CPU weight repacking, `--no-repack` in its CLI) decides prompt speed
-    here. With Q4_K_M on a 2-core AVX-512 machine, repacking gave prompt 93 tok/s against 140 without it,
-    generation 27.9 against 22.8 tok/s, and a 1.0 s load against 0.42 s (evals/RESULTS.md). TTFT is
-    prompt-bound, so ragqa turns it off by default. Llama() fills its params from
+    Why: `use_extra_bufts` (llama.cpp's CPU weight repacking, `--no-repack` in its CLI) changes prompt and
+    generation speed in opposite directions, by host (ragqa/kernels.py measures it). Llama() fills its params from
     `llama_model_default_params()` and then sets only the fields it knows, so the defaults are what can
     change. ragqa creates models from one thread; the original function is back when the block ends.
     """

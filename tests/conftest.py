@@ -21,11 +21,15 @@ CORPUS = ROOT / "corpus"
 SMALL_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 EMBEDDER = "embeddinggemma-300m"
+# No implicit kernel probe (half a minute per model, and timings in the middle of tests): every model loads
+# with llama.cpp's plain defaults, in this process and in the `ragqa` subprocesses tests start. The probe's
+# own tests (test_kernels.py) turn it on.
+os.environ["RAGQA_KERNEL_PROBE"] = "off"
 
 
 def make_settings(**overrides: object) -> Settings:
     """Settings from defaults + the given values only: the developer's env and ragqa.toml do not leak in."""
-    env = {k: v for k, v in os.environ.items() if k in ("RAGQA_HOME", "RAGQA_MODELS")}
+    env = {k: v for k, v in os.environ.items() if k in ("RAGQA_HOME", "RAGQA_MODELS", "RAGQA_KERNEL_PROBE")}
     return load_settings(overrides, env=env)
 
 

@@ -109,6 +109,7 @@ def test_machine_description() -> None:
     m = bench.machine(Settings())
     assert m["cores"] and m["threads"] == 2 and m["cpu"]
     assert {"llama-cpp-python", "torch", "chromadb"} <= set(m["versions"])
+    assert set(m["kernel"]) == {"repack", "n_ubatch", "flash_attn", "kv_type", "n_threads"}  # what llama.cpp ran with
 
 
 def test_cli_bench_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:

@@ -18,6 +18,10 @@ def test_config_shows_values_and_sources(tmp_path: Path) -> None:
     assert data["k"] == {"value": 3, "source": str(toml)}
     assert data["chunk_size"] == {"value": 500, "source": "env RAGQA_CHUNK_SIZE"}
     assert data["model"]["source"] == "default"
+    # The kernel keys: the tests run with the probe off (conftest), so the plain defaults, except a user's value.
+    assert data["kernel_probe"] == {"value": "off", "source": "env RAGQA_KERNEL_PROBE"}
+    assert data["repack"] == {"value": False, "source": "default"}
+    assert run_cli("config", "--json", env={"RAGQA_N_UBATCH": "256"}).stdout.count('"env RAGQA_N_UBATCH"') == 1
     table = run_cli("config")
     assert table.returncode == 0 and "embedder" in table.stdout
 
@@ -128,3 +132,27 @@ def test_setup_fetches_the_model_while_it_indexes(tmp_path: Path, models_dir: Pa
     assert models.is_fetched(models.get_spec("smollm2-135m-instruct"), mdir)
     again = run_cli("setup", env=env)  # idempotent: nothing fetched or embedded a second time
     assert again.returncode == 0 and "smollm2-135m-instruct: already fetched" in again.stderr, again.stderr
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_setup_measures_the_kernel_after_fetching(mode: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`ragqa setup` probes the answering model once its file is there and the index is written (the probe wants
+    the CPU to itself); not with the probe off."""
+    from ragqa import cli, kernels, models
+
+    calls: list[str] = []
+    monkeypatch.setenv("RAGQA_KERNEL_PROBE", mode)
+    monkeypatch.setattr(cli, "models_fetch", lambda names, force: calls.append("fetch"))
+    monkeypatch.setattr(cli, "_fetch_quietly", lambda name, settings: calls.append("fetch model") or "fetched")
+    monkeypatch.setattr(cli, "run_ingest", lambda settings, paths: calls.append("ingest"))
+    monkeypatch.setattr(models, "resolve", lambda name, where, kind: (name, tmp_path / "m.gguf", "gguf"))
+    monkeypatch.setattr(kernels, "load_record", lambda settings, path: None)
+
+    def ensure(settings: Settings, path: Path, progress: object = None, force: bool = False) -> tuple[dict, Path]:
+        calls.append("probe")
+        return {"chosen": "baseline", "date": "2026-12-02"}, tmp_path / "record.json"
+
+    monkeypatch.setattr(kernels, "ensure", ensure)
+    cli.setup(None)
+    assert calls[0] == "fetch" and set(calls[1:3]) == {"fetch model", "ingest"}  # those two overlap
+    assert calls[3:] == (["probe"] if mode == "auto" else [])

@@ -88,14 +88,9 @@ def dir_mb(path: Path) -> float:
 
 def machine(settings: Settings) -> dict[str, Any]:
     """What the figures were measured on: without this a number cannot be compared with another."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from ragqa import kernels
+
+    cpu = kernels.cpu_name()
     ram_gb = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -123,7 +118,8 @@ def machine(settings: Settings) -> dict[str, Any]:
         "embed_precision": settings.embed_precision,
         "embed_threads": settings.embedder_threads,
         "model": settings.model,
-        "repack": settings.repack,
+        # the llama.cpp kernel these settings apply (a probe's record or the defaults), with its sources
+        "kernel": {k: {"value": v, "source": src} for k, (v, src) in kernels.describe(settings).items()},
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

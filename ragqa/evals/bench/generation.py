@@ -58,7 +58,7 @@ def _measure(ctx: BenchContext, qa: Any, question: str | None) -> dict[str, Any]
         llama_kwargs["n_gpu_layers"] = chat.n_gpu_layers
     llama_kwargs.update(chat.model_kwargs)
     call_params = chat._get_parameters(None)  # max_tokens, temperature, top_p, top_k, stop, repeat_penalty
-    with warnings.catch_warnings(), _quiet_stderr(), model_params(use_extra_bufts=ctx.llm.repack):
+    with warnings.catch_warnings(), _quiet_stderr(), model_params(**ctx.llm.kernel.model_fields()):
         warnings.simplefilter("ignore")
         bare = Llama(chat.model_path, **llama_kwargs)
     tokenize = ctx.llm.client.tokenize
@@ -114,7 +114,7 @@ def _measure(ctx: BenchContext, qa: Any, question: str | None) -> dict[str, Any]
         "n_passages": warm["n_passages"],
         "prompt_tokens": ctx.llm.usage.get("prompt_tokens"),
         "settings": {"n_ctx": llama_kwargs["n_ctx"], "n_threads": llama_kwargs["n_threads"],
-                     "n_batch": llama_kwargs["n_batch"], "repack": ctx.llm.repack,
+                     "n_batch": llama_kwargs["n_batch"], "kernel": ctx.llm.kernel.as_dict(),
                      "temperature": call_params.get("temperature"), "max_tokens": call_params.get("max_tokens"),
                      "model": str(chat.model_path)},
         "kv_reset": "llama.reset() before every run on both sides (n_tokens = 0 -> full prompt evaluation)",
