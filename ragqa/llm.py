@@ -275,6 +275,7 @@ class PrefixCache:
             self.client.n_batch, settings.gpu_layers, settings.chat_format, settings.seed,
             # the kernel: repacked weights, micro-batches, flash attention and the KV type all change the bytes
             sorted(kernel.as_dict().items()),
+            kernels.system_info(),  # the llama.cpp build: AVX2 and AVX-512 kernels round differently
             # the RoPE settings the context was made with: a state saved under another base encodes other positions
             getattr(self.client.context_params, "rope_freq_base", None),
             getattr(self.client.context_params, "rope_freq_scale", None),
