@@ -41,10 +41,12 @@ class Settings:
     # Passage tokens in the prompt where no time budget applies: sentences chosen to fill it; 0 = whole passages.
     context_tokens: int = 300
     # The time budget (ragqa/budget.py): passage tokens follow from the host's measured prefill rate so that
-    # the first token comes in about this many seconds; None keeps context_tokens. Floor and cap: the
-    # quality-latency curve on the eval's tune part (evals/RESULTS.md).
+    # the first token comes in about this many seconds; None keeps context_tokens. On the eval's tune part
+    # (evals/RESULTS.md, 2026-12-02) key facts fell from 62/110 at 300 tokens to 53/110 at 200: the floor.
+    # At 800, 152 of the 153 evidence quotes retrieval found reached the prompt: past the cap there is
+    # nothing left to bring in.
     ttft_target_s: float | None = 5.0
-    context_floor: int = 200
+    context_floor: int = 300
     context_cap: int = 800
     # A question in another language than the documents is also put into theirs by the model (a short
     # call): retrieval searches both forms, focus scores sentences against both, the prompt shows both.
