@@ -63,7 +63,7 @@ class Settings:
     embed_threads: int = 0  # ONNX Runtime / torch threads of the embedder; 0 = the host's physical cores
     # Generation.
     n_ctx: int = 4096
-    n_threads: int = 2  # llama.cpp's (prompt and generation) and the embedder's
+    n_threads: int = 2  # llama.cpp's, for the prompt and for generation (the embedder has embed_threads)
     gpu_layers: int = 0
     temperature: float = 0.0
     max_tokens: int = 400

@@ -163,7 +163,8 @@ class LlamaCppChat:
         model_kwargs: dict[str, Any] = {}
         if settings.chat_format:
             model_kwargs["chat_format"] = settings.chat_format  # ChatLlamaCpp ignores its own chat_format field
-        # Measured once per host, model and llama.cpp build (a ~35 s probe the first time), then read back.
+        # Measured once per host, model and llama.cpp build (a probe of ~100 s for the 1.5B the first time), then
+        # read back.
         self.kernel, self.kernel_sources = kernels.resolve(settings, path, progress=_probe_notice(name))
         kernel_kwargs = self.kernel.llama_kwargs()
         model_kwargs.update({k: v for k, v in kernel_kwargs.items() if k != "n_threads"})  # through to Llama()
