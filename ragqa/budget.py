@@ -13,8 +13,9 @@ than 0.02 on the eval's tune part; the cap the one past which more passage text 
 than answering worse; a fast one stops at the cap rather than paying for text that does not help.
 
 The budget is a function of the settings, the recorded rates and the question only, never of a clock read
-while answering: the same question on the same host gets the same prompt, so answers stay reproducible
-(in-process and through a server alike) and an eval can be re-run.
+while answering: the same question on the same host gets the same prompt, so answers stay reproducible and
+an eval can be re-run. Through a model server no rates are measured, so the fixed `context_tokens` applies; the
+in-process path matches it only with `context_tokens` set (or the probe off).
 """
 
 from __future__ import annotations
