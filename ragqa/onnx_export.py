@@ -298,8 +298,9 @@ def quantize_int8(model_dir: Path) -> Path:
     """Make `<model_dir>/onnx-int8/` from the current fp32 export, by INT8_RECIPE, unless it is there; return it.
 
     Why dynamic quantization of the weights only: activations are quantized per call from their own range,
-    so no calibration set is needed and the vectors stay close to fp32 (cosine >= 0.97, tests/test_embed.py),
-    while the MatMuls, most of the compute, run on u8 x s8 integer kernels (~2x the chunks/s on 2 cores).
+    so no calibration set is needed and the vectors stay close to fp32 (cosine 0.9602 at the least measured,
+    >= 0.955 held by tests/test_embed.py), while the MatMuls, most of the compute, run on u8 x s8 integer
+    kernels (~2x the chunks/s on 2 cores).
     The 262k-row token table is a Gather, not a MatMul: it stays fp32, so the export shrinks 1.2 -> 0.9 GB.
     """
     out = onnx_dir(model_dir, "int8")
