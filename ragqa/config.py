@@ -51,6 +51,13 @@ class Settings:
     # A question in another language than the documents is also put into theirs by the model (a short
     # call): retrieval searches both forms, focus scores sentences against both, the prompt shows both.
     translate_query: bool = True
+    # How the answer is made. "write": the model writes it from the passages. "quote": the model only picks
+    # the numbered passage sentences that answer (a choice a small model makes better than it writes), the
+    # answer quotes them, and a question in another language than the quotes gets them rendered in its own.
+    answer_mode: str = "write"
+    # A number or Latin-letter name in a written answer that stands in no passage: the answer is written
+    # once more with the passage sentence that holds the closest match; what still stands nowhere is marked.
+    fact_check: bool = False
     focus_split_chars: int = 80  # focus cuts sentences longer than this at commas or spaces; 0 = never
     focus_embed: bool = False  # also score sentences by embedding similarity (cross-lingual, ~2.5 s a question)
     fetch_k: int = 20

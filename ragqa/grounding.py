@@ -50,22 +50,45 @@ def _numbers(text: str) -> set[str]:
     return set(_NUMBER.findall(norm)) | set(_NUMBER.findall(expand_magnitudes(norm)))
 
 
-def check_sentence(sentence: str, passages: dict[int, str], cited: list[int]) -> SentenceMark:
-    """Mark one sentence against the cited passages (all passages when it cites none)."""
-    numbers_of = sorted(cited) if cited else sorted(passages)
-    text = " ".join(passages[n] for n in numbers_of if n in passages)
-    bare = _MARKER.sub("", sentence)
-    have = _numbers(text)
+def missing_tokens(text: str, source: str) -> list[str]:
+    """The numbers (by value where they carry a magnitude: 8 billion = 80亿) and the Latin-letter names that
+    `text` states and `source` does not hold, in the order `text` states them. Numbers come back in the
+    normalised form they were checked in; names as written."""
+    bare = _MARKER.sub("", text)
+    have = _numbers(source)
     stated = normalize_text(bare)
     # A number with a magnitude (8 billion, 80亿) is checked by its value, any other number as written.
     values = [expand_magnitudes(m.group(0)) for m in MAGNITUDE.finditer(stated)]
     values += _NUMBER.findall(MAGNITUDE.sub(" ", stated))
     missing = [v for v in dict.fromkeys(values) if v not in have]
     in_chinese = bool(_CJK.search(bare))
-    lowered = text.lower()
+    lowered = source.lower()
     for token in dict.fromkeys(_NAME.findall(bare)):
         if _is_name(token, in_chinese) and token.lower() not in lowered:
             missing.append(token)
+    return missing
+
+
+_CJK_NUMERAL = re.compile(r"(?<![\d.])[零一二两三四五六七八九十百千万亿]+")
+
+
+def foreign_tokens(answer: str, passages: list[str]) -> list[str]:
+    """Numbers and Latin-letter names of `answer` that stand in none of `passages` (what the model saw): the
+    slips the answer is written once more for (chain.QA, `fact_check`). Only numbers written in digits count
+    (一种, 第一点 are words, and normalised they would be 1s that no passage states), and a number that is
+    part of a missing name (the 5 of GPT-5) is that name's slip, named once."""
+    missing = missing_tokens(_CJK_NUMERAL.sub("", answer), " ".join(passages))
+    names = [t for t in missing if not _NUMBER.fullmatch(t)]
+    return [t for t in missing if not (_NUMBER.fullmatch(t) and any(t in n for n in names))]
+
+
+def check_sentence(sentence: str, passages: dict[int, str], cited: list[int]) -> SentenceMark:
+    """Mark one sentence against the cited passages (all passages when it cites none)."""
+    numbers_of = sorted(cited) if cited else sorted(passages)
+    text = " ".join(passages[n] for n in numbers_of if n in passages)
+    bare = _MARKER.sub("", sentence)
+    missing = missing_tokens(sentence, text)
+    in_chinese = bool(_CJK.search(bare))
     same_language = in_chinese == bool(_CJK.search(text))
     shared_ok = True
     if same_language:

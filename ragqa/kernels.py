@@ -23,6 +23,9 @@ import hashlib
 import json
 import os
 import platform
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,6 +184,30 @@ PROBE_TEXT = (
 
 def measure(model_path: Path, kernel: Kernel, n_ctx: int, prompt_tokens: int, new_tokens: int,
             repeats: int) -> dict[str, Any]:
+    """`measure_here` in a child process, so that a candidate that crashes llama.cpp costs the probe that
+    candidate, not the process. Seen on a 2-core KVM guest of an Intel Xeon with AMX (2026-12-02): llama.cpp's
+    AMX matmul, used with weight repacking, died with SIGSEGV on every prompt of more than one token, and
+    took `ragqa setup` with it. Raises RuntimeError with the reason; the probe records it."""
+    args = json.dumps({"model_path": str(model_path), "kernel": kernel.as_dict(), "n_ctx": n_ctx,
+                       "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats})
+    proc = subprocess.run([sys.executable, "-m", "ragqa.kernels", args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else proc.returncode
+        raise RuntimeError(f"llama.cpp crashed ({name})")
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the measuring process exited with {proc.returncode}: {tail}"[:200]) from None
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result
+
+
+def measure_here(model_path: Path, kernel: Kernel, n_ctx: int, prompt_tokens: int, new_tokens: int,
+                 repeats: int) -> dict[str, Any]:
     """Load the model with `kernel`, time a prompt of `prompt_tokens` and `new_tokens` greedy tokens,
     `repeats` times on a fresh KV cache, and keep the better rates. Bare llama.cpp: no chat template, no
     LangChain, so only the kernel differs between candidates."""
@@ -345,7 +372,14 @@ def resolve(settings: Settings, model_path: Path, progress: Progress | None = No
     """The kernel to load `model_path` with and where each key came from; probes first if due."""
     _check(settings)
     record = ensure(settings, model_path, progress) if settings.kernel_probe == "auto" else None
-    return _combine(settings, record)
+    kernel, sources = _combine(settings, record)
+    failed = next((r for r in (record[0]["candidates"] if record else []) if r["kernel"] == kernel.as_dict()
+                   and "error" in r), None)
+    if failed:  # a setting the probe saw fail here (a crash would take the process, with no message)
+        named = ", ".join(k for k in KEYS if k in settings.sources) or "the kernel settings"
+        raise RagqaError(f"llama.cpp failed with {kernel.label()} on this host when probed ({failed['error']}); "
+                         f"change {named}")
+    return kernel, sources
 
 
 def describe(settings: Settings) -> dict[str, tuple[Any, str]]:
@@ -390,3 +424,19 @@ def measured_rates(settings: Settings) -> Rates | None:
             return Rates(float(row["prefill_tok_s"]), float(row["gen_tok_s"]),
                          f"kernel probe {record[0]['date']}, {row['name']}")
     return None
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m ragqa.kernels ARGS_JSON`: one `measure_here`, its result as the last line of stdout."""
+    a = json.loads(argv[0])
+    try:
+        result = measure_here(Path(a["model_path"]), Kernel(**a["kernel"]), a["n_ctx"], a["prompt_tokens"],
+                              a["new_tokens"], a["repeats"])
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as data
+        result = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -1,5 +1,6 @@
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -433,3 +434,127 @@ def test_a_question_without_words_is_not_sent_for_translation() -> None:
     llm = FakeLLM(["unused"])
     assert _qa_over(ZH_DOCS, llm).translate("🙂🔥 1234 ？") is None
     assert llm.seen == []
+
+
+class ScriptedLLM(FakeLLM):
+    """Logic-only stand-in for a pipeline of calls: replays the next scripted reply at each call."""
+
+    def __init__(self, replies: list[list[str]]) -> None:
+        super().__init__([])
+        self.replies = list(replies)
+
+    def stream(self, messages: list[dict], max_tokens: int, **_: object) -> Iterator[str]:
+        self.seen.append(messages)
+        yield from self.replies.pop(0)
+
+
+def _hits(*texts: str) -> list:
+    from ragqa.ingest import Chunk
+    from ragqa.retrieve import Hit
+
+    return [Hit(Chunk(str(i), f"doc{i}.txt", 0, len(t), t, f"节{i}", 1, 1), 0.1) for i, t in enumerate(texts)]
+
+
+def _asked(qa: QA, hits: list, question: str) -> tuple:
+    from ragqa.retrieve import Retrieval
+
+    qa.retriever = SimpleNamespace(retrieve=lambda *a, **kw: Retrieval(hits, 0.0, 0.0))
+    shown: list[str] = []
+    return qa.ask(question, on_token=shown.append), "".join(shown)
+
+
+def test_sentence_picks_are_parsed_in_order_once_and_within_range() -> None:
+    from ragqa.chain import parse_picks
+
+    assert parse_picks("S2, S5", 6) == [2, 5]
+    assert parse_picks("2,5，s3 and S2", 6) == [2, 5, 3]
+    assert parse_picks("S2, S9, S0", 5) == [2]  # no S9 among five sentences, no S0 at all
+    assert parse_picks("NOT_IN_DOCUMENTS", 5) == [] and parse_picks("", 5) == []
+    assert parse_picks("S1.5 and 3.2", 5) == []  # decimals are no sentence numbers
+    assert parse_picks("S1 S2 S3 S4 S5 S6 S7 S8", 9, most=3) == [1, 2, 3]
+
+
+def test_the_quote_prompt_numbers_every_sentence_across_passages() -> None:
+    from ragqa.chain import build_quote_messages, passage_sentences, quote_text
+
+    hits = _hits("第一句。第二句！", "Third one. Fourth one?")
+    hits[1] = replace(hits[1], context="Third one.…Fourth one?")  # focus's cut between two kept sentences
+    numbered = passage_sentences(hits)
+    assert numbered == [(1, "第一句。"), (1, "第二句！"), (2, "Third one."), (2, "Fourth one?")]
+    user = build_quote_messages("什么？", hits)[1]["content"]
+    assert "[1] (节0)\nS1 第一句。\nS2 第二句！\n\n[2] (节1)\nS3 Third one.\nS4 Fourth one?\n</documents>" in user
+    assert SENTINEL in user and user.rstrip().endswith("编号：")
+    assert build_quote_messages("What?", hits, "什么？")[1]["content"].rstrip().endswith("Numbers:")
+    # picks quoted a line per passage, in prompt order; sentences of one passage apart are joined by "…"
+    three = passage_sentences(_hits("甲。乙。丙。", "丁。"))
+    assert quote_text([4, 3, 1], three) == "“甲。…丙。” [1]\n“丁。” [2]"
+    assert quote_text([1, 2], three) == "“甲。乙。” [1]"
+
+
+def test_quote_mode_answers_with_the_picked_sentences_verbatim() -> None:
+    hits = _hits("铜铃桥全长二百零八米。桥上每天有十二班渡轮。", "灯塔建于1960年。")
+    llm = ScriptedLLM([["S", "2"]])
+    answer, shown = _asked(_qa_over(ZH_DOCS, llm, answer_mode="quote", translate_query=False), hits,
+                           "铜铃桥每天有几班渡轮？")
+    assert answer.answer == shown == "“桥上每天有十二班渡轮。” [1]"
+    assert [c["n"] for c in answer.citations] == [1] and not answer.refused and len(llm.seen) == 1
+    assert "S3 灯塔建于1960年。" in llm.seen[0][1]["content"]
+
+
+def test_quote_mode_renders_quotes_in_the_questions_language_and_keeps_them() -> None:
+    hits = _hits("杰文斯在1865年提出，效率提高反而增加煤炭消耗。")
+    llm = ScriptedLLM([["S1"], ["Jevons said in 1865 that efficiency raises coal use [1]."]])
+    answer, shown = _asked(_qa_over(ZH_DOCS, llm, answer_mode="quote", translate_query=False), hits,
+                           "What did Jevons say?")
+    assert shown == answer.answer == ("Jevons said in 1865 that efficiency raises coal use [1].\n\n"
+                                      "From the documents:\n“杰文斯在1865年提出，效率提高反而增加煤炭消耗。” [1]")
+    render = llm.seen[1][1]["content"]
+    assert "“杰文斯在1865年提出，效率提高反而增加煤炭消耗。” [1]" in render and render.endswith("Answer (in English):")
+
+
+def test_quote_mode_refuses_on_the_sentinel_and_writes_when_no_sentence_is_named() -> None:
+    hits = _hits("杰文斯悖论指出，效率提高反而增加了资源的总消耗。")
+    refused, _ = _asked(_qa_over(ZH_DOCS, ScriptedLLM([["NOT_IN_DOCUMENTS"]]), answer_mode="quote",
+                                 translate_query=False), hits, "2030 年的 GPU 价格是多少？")
+    assert refused.refused and refused.answer.startswith(REFUSAL["zh"])
+    llm = ScriptedLLM([["我觉得"], ["效率提高反而增加消耗 [1]。"]])
+    qa = _qa_over(ZH_DOCS, llm, answer_mode="quote", translate_query=False)
+    written, shown = _asked(qa, hits, "杰文斯悖论是什么？")
+    assert written.answer == shown == "效率提高反而增加消耗 [1]。" and len(llm.seen) == 2
+    assert "回答（中文）" in llm.seen[1][1]["content"]  # the second call is the written answer's prompt
+
+
+def test_a_number_in_no_passage_gets_one_second_try_with_the_closest_sentence() -> None:
+    hits = _hits("杰文斯在1865年出版了《煤炭问题》。", "专家混合模型把每个词元路由给少数专家。")
+    llm = ScriptedLLM([["杰文斯在1856年出版了", "《煤炭问题》[1]。"], ["杰文斯在1865年出版了《煤炭问题》[1]。"]])
+    answer, shown = _asked(_qa_over(ZH_DOCS, llm, translate_query=False), hits, "《煤炭问题》是哪一年出版的？")
+    assert answer.answer == "杰文斯在1865年出版了《煤炭问题》[1]。"
+    assert shown == "杰文斯在1856年出版了《煤炭问题》[1]。\n\n（核对资料后重写）\n" + answer.answer
+    assert answer.fact_check["foreign"] == ["1856"] and answer.fact_check["unsure"] == []
+    assert answer.fact_check["closest"] == {"n": 1, "sentence": "杰文斯在1865年出版了《煤炭问题》。"}
+    retry = llm.seen[1]
+    assert [m["role"] for m in retry] == ["system", "user", "assistant", "user"]
+    assert retry[2]["content"] == "杰文斯在1856年出版了《煤炭问题》[1]。" and "「1856」" in retry[3]["content"]
+    assert "“杰文斯在1865年出版了《煤炭问题》。” [1]" in retry[3]["content"]
+    assert answer.as_dict()["fact_check"]["first_answer"] == "杰文斯在1856年出版了《煤炭问题》[1]。"
+
+
+def test_a_slip_the_second_try_keeps_is_named_and_a_clean_answer_is_not_retried() -> None:
+    hits = _hits("The lighthouse was built in 1960 by Harbor Works.")
+    llm = ScriptedLLM([["Built in 1906 by HarborCorp [1]."], ["Built in 1906 [1]."]])
+    answer, shown = _asked(_qa_over(["An English note about lighthouses."], llm), hits, "When was it built?")
+    assert answer.answer == "Built in 1906 [1].\n(not found in the documents: 1906)" and shown.endswith(answer.answer)
+    assert answer.fact_check["foreign"] == ["1906", "HarborCorp"] and answer.fact_check["unsure"] == ["1906"]
+    llm = ScriptedLLM([["Built in 1960 by Harbor Works [1]."]])
+    clean, _ = _asked(_qa_over(["An English note about lighthouses."], llm), hits, "When was it built?")
+    assert clean.fact_check is None and len(llm.seen) == 1 and "fact_check" not in clean.as_dict()
+    off = ScriptedLLM([["Built in 1906 [1]."]])
+    unchecked, _ = _asked(_qa_over(["An English note about lighthouses."], off, fact_check=False), hits, "When?")
+    assert unchecked.answer == "Built in 1906 [1]." and len(off.seen) == 1
+
+
+def test_an_unknown_answer_mode_is_one_clear_error(tmp_path: Path) -> None:
+    from .conftest import make_settings
+
+    with pytest.raises(RagqaError, match="unknown answer_mode 'guess'"):
+        QA(make_settings(index=tmp_path / "idx", answer_mode="guess"))

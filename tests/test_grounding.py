@@ -54,3 +54,12 @@ def test_uncited_sentences_are_checked_against_every_passage_and_lone_markers_sk
 def test_a_citation_after_the_period_counts_for_the_sentence_before_it() -> None:
     marks = ground("GPT-4o mini 只有 80 亿参数。 [2]", PASSAGES)
     assert len(marks) == 1 and marks[0].passages == [2] and marks[0].supported is True
+
+
+def test_foreign_tokens_are_numbers_and_names_in_no_passage() -> None:
+    from ragqa.grounding import foreign_tokens
+
+    passages = ["GPT-4 于 2023 年发布，参数约 1.8 万亿。", "Llama 3 有 80亿 参数。"]
+    assert foreign_tokens("GPT-4 was released in 2023 [1]; Llama 3 has 8 billion parameters [2].", passages) == []
+    assert foreign_tokens("GPT-5 was released in 2024 [1].", passages) == ["2024", "GPT-5"]
+    assert foreign_tokens("It was released in 2023 by the team.", passages) == []  # plain words are no names

@@ -52,6 +52,44 @@ def test_probe_brackets_the_baseline_against_drift(monkeypatch: pytest.MonkeyPat
     assert json.loads(where.read_text(encoding="utf-8")) == record
 
 
+def test_a_candidate_that_crashes_costs_the_probe_that_candidate_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each candidate is measured in a child process: one that dies by a signal (llama.cpp's AMX matmul did,
+    with repacking, on an Intel AMX guest) is recorded as crashed, never chosen, and a user who asks for it
+    gets one line instead of a dead process."""
+    crashing = tmp_path / "python"
+    crashing.write_text("#!/bin/sh\nkill -SEGV $$\n", encoding="utf-8")
+    crashing.chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    monkeypatch.setattr(kernels.sys, "executable", str(crashing))
+    with pytest.raises(RuntimeError, match=r"llama.cpp crashed \(SIGSEGV\)"):
+        kernels.measure(model, Kernel(repack=True), 512, 8, 2, 1)
+    monkeypatch.undo()
+
+    real = kernels.measure
+
+    def measure(path: Path, kernel: Kernel, *args: Any) -> dict[str, Any]:
+        if kernel.repack:
+            python, kernels.sys.executable = kernels.sys.executable, str(crashing)
+            try:
+                return real(path, kernel, *args)
+            finally:
+                kernels.sys.executable = python
+        return {"prefill_tok_s": 100.0, "gen_tok_s": 14.0, "load_s": 0.5, "tokens": [1, 2]}
+
+    monkeypatch.setattr(kernels, "measure", measure)
+    settings = make_settings(models=tmp_path / "models", kernel_probe="auto")
+    record, _ = kernels.probe(settings, model)
+    row = next(r for r in record["candidates"] if r["name"] == "repack")
+    assert row["error"] == "RuntimeError: llama.cpp crashed (SIGSEGV)" and record["chosen"] == "baseline"
+    monkeypatch.setattr(kernels, "ensure", lambda *a, **k: (record, tmp_path / "record.json"))
+    assert kernels.resolve(settings, model)[0] == Kernel()
+    with pytest.raises(RagqaError, match=r"failed with repack=True on this host .*SIGSEGV.*change repack"):
+        kernels.resolve(settings.replace(repack=True), model)
+
+
 def test_kernel_arguments_reach_llama_in_its_own_terms() -> None:
     plain = Kernel().llama_kwargs()
     assert plain["type_k"] == 1 and "type_v" not in plain and plain["n_threads_batch"] == plain["n_threads"]
