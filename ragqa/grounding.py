@@ -69,15 +69,18 @@ def missing_tokens(text: str, source: str) -> list[str]:
     return missing
 
 
+# "1. ", "2、", "(3) " opening a line number a list, state nothing; normalised, "2. 2018" would read 2.2018.
+_LIST_MARKER = re.compile(r"(?m)^\s*(?:\(?\d{1,2}[.、)）]|[-*•])\s*")
 _CJK_NUMERAL = re.compile(r"(?<![\d.])[零一二两三四五六七八九十百千万亿]+")
 
 
 def foreign_tokens(answer: str, passages: list[str]) -> list[str]:
     """Numbers and Latin-letter names of `answer` that stand in none of `passages` (what the model saw): the
-    slips the answer is written once more for (chain.QA, `fact_check`). Only numbers written in digits count
-    (一种, 第一点 are words, and normalised they would be 1s that no passage states), and a number that is
-    part of a missing name (the 5 of GPT-5) is that name's slip, named once."""
-    missing = missing_tokens(_CJK_NUMERAL.sub("", answer), " ".join(passages))
+    slips the answer is written once more for (chain.QA, `fact_check`). List markers are no numbers; only
+    numbers written in digits count (一种, 第一点 are words, and normalised they would be 1s that no passage
+    states); a number that is part of a missing name (the 5 of GPT-5) is that name's slip, named once."""
+    text = _LIST_MARKER.sub(" ", _CJK_NUMERAL.sub("", answer))
+    missing = missing_tokens(text, " ".join(passages))
     names = [t for t in missing if not _NUMBER.fullmatch(t)]
     return [t for t in missing if not (_NUMBER.fullmatch(t) and any(t in n for n in names))]
 

@@ -63,3 +63,6 @@ def test_foreign_tokens_are_numbers_and_names_in_no_passage() -> None:
     assert foreign_tokens("GPT-4 was released in 2023 [1]; Llama 3 has 8 billion parameters [2].", passages) == []
     assert foreign_tokens("GPT-5 was released in 2024 [1].", passages) == ["2024", "GPT-5"]
     assert foreign_tokens("It was released in 2023 by the team.", passages) == []  # plain words are no names
+    # list markers and numbers in Chinese words (第一, 一种) state no number
+    listed = "两个要点：\n1. GPT-4 于 2023 年发布\n2. Llama 3 有 80亿 参数\n第一种说法 [1]"
+    assert foreign_tokens(listed, passages) == []
