@@ -527,7 +527,8 @@ def test_quote_mode_refuses_on_the_sentinel_and_writes_when_no_sentence_is_named
 def test_a_number_in_no_passage_gets_one_second_try_with_the_closest_sentence() -> None:
     hits = _hits("杰文斯在1865年出版了《煤炭问题》。", "专家混合模型把每个词元路由给少数专家。")
     llm = ScriptedLLM([["杰文斯在1856年出版了", "《煤炭问题》[1]。"], ["杰文斯在1865年出版了《煤炭问题》[1]。"]])
-    answer, shown = _asked(_qa_over(ZH_DOCS, llm, translate_query=False), hits, "《煤炭问题》是哪一年出版的？")
+    qa = _qa_over(ZH_DOCS, llm, translate_query=False, fact_check=True)
+    answer, shown = _asked(qa, hits, "《煤炭问题》是哪一年出版的？")
     assert answer.answer == "杰文斯在1865年出版了《煤炭问题》[1]。"
     assert shown == "杰文斯在1856年出版了《煤炭问题》[1]。\n\n（核对资料后重写）\n" + answer.answer
     assert answer.fact_check["foreign"] == ["1856"] and answer.fact_check["unsure"] == []
@@ -542,14 +543,15 @@ def test_a_number_in_no_passage_gets_one_second_try_with_the_closest_sentence() 
 def test_a_slip_the_second_try_keeps_is_named_and_a_clean_answer_is_not_retried() -> None:
     hits = _hits("The lighthouse was built in 1960 by Harbor Works.")
     llm = ScriptedLLM([["Built in 1906 by HarborCorp [1]."], ["Built in 1906 [1]."]])
-    answer, shown = _asked(_qa_over(["An English note about lighthouses."], llm), hits, "When was it built?")
+    notes = ["An English note about lighthouses."]
+    answer, shown = _asked(_qa_over(notes, llm, fact_check=True), hits, "When was it built?")
     assert answer.answer == "Built in 1906 [1].\n(not found in the documents: 1906)" and shown.endswith(answer.answer)
     assert answer.fact_check["foreign"] == ["1906", "HarborCorp"] and answer.fact_check["unsure"] == ["1906"]
     llm = ScriptedLLM([["Built in 1960 by Harbor Works [1]."]])
-    clean, _ = _asked(_qa_over(["An English note about lighthouses."], llm), hits, "When was it built?")
+    clean, _ = _asked(_qa_over(notes, llm, fact_check=True), hits, "When was it built?")
     assert clean.fact_check is None and len(llm.seen) == 1 and "fact_check" not in clean.as_dict()
     off = ScriptedLLM([["Built in 1906 [1]."]])
-    unchecked, _ = _asked(_qa_over(["An English note about lighthouses."], off, fact_check=False), hits, "When?")
+    unchecked, _ = _asked(_qa_over(notes, off), hits, "When?")
     assert unchecked.answer == "Built in 1906 [1]." and len(off.seen) == 1
 
 
