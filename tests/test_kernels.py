@@ -141,7 +141,12 @@ def test_probe_is_recorded_reused_and_invalidated(small_probe: Any, monkeypatch:
     assert saved == record
     names = [c["name"] for c in saved["candidates"]]
     assert names == [c.name for c in kernels.candidates()] and saved["chosen"] in names
-    assert all(c["prefill_tok_s"] > 0 and c["gen_tok_s"] > 0 for c in saved["candidates"]), saved["candidates"]
+    # Each candidate is measured or, where it failed here, carries the reason (repacking's AMX matmul crashed
+    # llama.cpp on an Intel AMX guest, 2026-12-02); the baseline and the chosen one were measured.
+    for c in saved["candidates"]:
+        assert (c["prefill_tok_s"] > 0 and c["gen_tok_s"] > 0) != ("error" in c), c
+    assert "error" not in saved["candidates"][0]
+    assert "error" not in next(c for c in saved["candidates"] if c["name"] == saved["chosen"])
     assert saved["candidates"][0]["same_tokens"] is True
     chosen = next(c for c in saved["candidates"] if c["name"] == saved["chosen"])
     rates = kernels.measured_rates(settings)
