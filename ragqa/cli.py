@@ -500,14 +500,18 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback is reachable "
                                       "by others, without auth.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one).")] = 8000,
+    parallel: Annotated[int | None, typer.Option("--parallel", help="Questions answered at once with --llm-url "
+                                                 "(config serve_parallel, 4); an in-process model: 1.")] = None,
     *,
     opts: AnswerOptions,
 ) -> None:
     """HTTP API: POST /ask and /ask/stream, GET /health, and OpenAI's /v1/chat/completions and /v1/models.
-    Models load once; requests take turns."""
+    Models load once; with an in-process model requests take turns, with a model server several run at once."""
     from ragqa.serve import serve as run_server
 
     settings = opts.settings()
+    if parallel is not None:
+        settings = settings.replace(serve_parallel=parallel)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach it can ask (there is no auth)")
 

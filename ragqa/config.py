@@ -95,6 +95,10 @@ class Settings:
     llm_model: str | None = None
     llm_timeout: float = 120.0  # seconds a model server may stay silent; generous: CPU servers queue requests
     api_key_env: str | None = None
+    # Questions `ragqa serve` answers at once when the model is a server (llm_url): each has its own client, and
+    # a server that batches (llama-server --parallel N) runs them together. An in-process model has one
+    # llama.cpp context: one question at a time, whatever this says.
+    serve_parallel: int = 4
     chroma_url: str | None = None
     chroma_token_env: str | None = None
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)

@@ -6,8 +6,8 @@
 `RagqaRetriever` returns one `Document` per retrieved chunk (the hybrid dense + BM25 search of `ragqa ask`),
 the chunk's text as `page_content` and its place and scores as metadata. `RagqaAnswer` takes a question (or
 `{"question": ..., "k": ...}`) and returns the `ragqa ask --json` object; `stream` gives `{"token": text}`
-while the model writes, then `{"answer": that object}`, as `POST /ask/stream` does. Both take turns on one
-lock per pipeline (one model context, one question at a time), so `batch` and concurrent use queue.
+while the model writes, then `{"answer": that object}`, as `POST /ask/stream` does. Both take turns on the
+pipeline's one lane (one model context, one question at a time; ragqa.serve), so `batch` and concurrent use queue.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _services_lock = threading.Lock()
 
 
 def service_for(qa: QA) -> QAService:
-    """The one QAService (lock and queue) of `qa`, shared by every retriever and runnable built on it."""
+    """The one QAService (its lane and queue) of `qa`, shared by every retriever and runnable built on it."""
     with _services_lock:
         if qa not in _services:
             _services[qa] = QAService(qa)
@@ -77,8 +77,8 @@ class RagqaRetriever(BaseRetriever):
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
         query = check_question(query)
-        with service_for(self.qa).lock:
-            hits = self.qa.retriever.retrieve(query, k=self.k or self.qa.settings.k).hits
+        with service_for(self.qa).lane() as qa:
+            hits = qa.retriever.retrieve(query, k=self.k or qa.settings.k).hits
         return [hit_document(h) for h in hits]
 
 

@@ -693,16 +693,27 @@ class OpenAIChat:
                 started = False
                 try:
                     extra: dict[str, Any] = {"logit_bias": bias} if bias else {}
+                    finished = None
                     with contextlib.closing(self.chat.stream(lc_messages, max_tokens=max_tokens, **extra)) as chunks:
                         for chunk in chunks:
                             if chunk.usage_metadata:
                                 reported = dict(chunk.usage_metadata)
+                            finished = chunk.response_metadata.get("finish_reason") or finished
                             text = chunk.content if isinstance(chunk.content, str) else ""
                             if text:
                                 started = True
                                 completion += 1
                                 yield text
+                    if finished is None:
+                        # A stream that ends without a finish reason was cut, not finished: llama-cpp-python's
+                        # server, by default, ends a stream with [DONE] when another request arrives, and the
+                        # answer would pass for whole (seen with `ragqa serve --parallel`, 2026-12-03).
+                        raise RagqaError(f"the model server at {self.url} ended the answer without a finish "
+                                         "reason, cut short (llama-cpp-python's server does so when another "
+                                         "request arrives: start it with --interrupt_requests False)")
                     return
+                except RagqaError:
+                    raise
                 except Exception as exc:
                     failure = transport_failure(exc, self.timeout)
                     if started:  # never re-send: the user has already seen part of this answer

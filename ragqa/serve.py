@@ -1,10 +1,12 @@
 """`ragqa serve`: the ask pipeline behind a small HTTP API, models loaded once for every request.
 
-llama.cpp has one context and the QA object keeps per-call state (the model's usage figures), so a
-request holds `QAService.lock` for the whole question; FastAPI runs the sync endpoints in its thread
-pool, so concurrent requests queue on that lock instead of corrupting each other. Retrieval runs inside
-the lock too: it takes ~0.1 s against seconds of generation, and keeps the embedder single-threaded.
-A cap on waiting requests turns a flood into quick 503s rather than an unbounded queue of sockets.
+A request takes a lane, a QA pipeline of its own, for its whole question (the QA object keeps per-call state:
+the model's usage figures). An in-process model has one llama.cpp context, so there is one lane and requests
+take turns. With a model server (`llm_url`) there are `serve_parallel` lanes, each with its own client over
+the one shared index: a server that batches (llama-server --parallel N) answers them together, while their
+retrievals still take turns (~0.1 s against seconds of generation; it keeps the embedder single-threaded and
+a reload of the index after a commit in one thread). FastAPI runs the sync endpoints in its thread pool; a cap
+on waiting requests turns a flood into quick 503s rather than an unbounded queue of sockets.
 The API serves no file from disk, and the CLI binds 127.0.0.1 unless told otherwise: there is no auth.
 
 Beside ragqa's own routes, `/v1/models` and `/v1/chat/completions` speak OpenAI's chat API, so a chat
@@ -15,6 +17,7 @@ and the whole `ask --json` object rides in the extra field `ragqa`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -28,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ragqa.chain import QA, check_question, question_language, source_label
 from ragqa.config import Settings
 from ragqa.errors import RagqaError
+from ragqa.llm import load_llm
 
 MAX_WAITING = 32
 
@@ -117,56 +121,104 @@ class _Cancelled(Exception):
     """The client of a streaming request went away: stop generating for it."""
 
 
-class QAService:
-    """One QA pipeline shared by all requests, one question at a time."""
+class _TakingTurns:
+    """A lane's retriever that waits for the other lanes' retrievals (see the module docstring)."""
 
-    def __init__(self, qa: QA, max_waiting: int = MAX_WAITING) -> None:
-        self.qa = qa
-        self.lock = threading.Lock()
+    def __init__(self, retriever: Any, lock: threading.Lock) -> None:
+        self._retriever = retriever
+        self._lock = lock
+
+    def retrieve(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._retriever.retrieve(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._retriever, name)
+
+
+def make_lanes(qa: QA) -> list[QA]:
+    """`qa` alone for an in-process model; with a model server, `serve_parallel` pipelines over qa's index,
+    each with its own client, their retrievals taking turns."""
+    n = qa.settings.serve_parallel
+    if n < 1:
+        raise RagqaError(f"serve_parallel must be 1 or more, not {n}")
+    if n == 1 or not qa.settings.llm_url:
+        return [qa]
+    lanes = [qa] + [QA(qa.settings, index=qa.index, llm=load_llm(qa.settings)) for _ in range(n - 1)]
+    lock = threading.Lock()
+    for lane in lanes:
+        lane.retriever = _TakingTurns(lane.retriever, lock)  # type: ignore[assignment]
+    return lanes
+
+
+class QAService:
+    """The QA pipelines shared by all requests: a request takes a free lane for its whole question."""
+
+    def __init__(self, qa: QA | list[QA], max_waiting: int = MAX_WAITING) -> None:
+        lanes = qa if isinstance(qa, list) else [qa]
+        self.qa = lanes[0]
+        self.lanes = len(lanes)
+        self._free: queue.LifoQueue[QA] = queue.LifoQueue()
+        for lane in lanes:
+            self._free.put(lane)
         self.max_waiting = max_waiting
         self._waiting = 0
         self._count = threading.Lock()
 
     def health(self) -> dict[str, Any]:
         settings = self.qa.settings
+        answering = self.lanes - self._free.qsize()
         return {
             "status": "ok",
             "model": self.qa.llm.name,
             "embedder": settings.embedder,
             "index": str(settings.index_dir),
             "chunks": len(self.qa.index.load_chunks()),
-            "busy": self.lock.locked(),
+            "lanes": self.lanes,
+            "answering": answering,
+            "busy": answering >= self.lanes,
             "waiting": self._waiting,
         }
 
-    def ask(self, question: str, k: int | None = None, on_token: Any = None,
-            history: list[tuple[str, str]] | None = None) -> dict[str, Any]:
-        question = check_question(question)  # bad input is refused at once, without queueing
+    @contextlib.contextmanager
+    def lane(self) -> Iterator[QA]:
+        """A free lane for the block, waited for; Busy when `max_waiting` requests already wait."""
         with self._count:
-            if self._waiting >= self.max_waiting:
+            if self._free.empty() and self._waiting >= self.max_waiting:
                 raise Busy(f"{self._waiting} requests are already waiting; try again later")
             self._waiting += 1
         try:
-            self.lock.acquire()
+            lane = self._free.get()
         finally:
             with self._count:
                 self._waiting -= 1
         try:
-            return self.qa.ask(question, k=k, on_token=on_token, history=history).as_dict()
+            yield lane
         finally:
-            self.lock.release()
+            self._free.put(lane)
+
+    @property
+    def idle(self) -> bool:
+        """No question is being answered."""
+        return self._free.qsize() == self.lanes
+
+    def ask(self, question: str, k: int | None = None, on_token: Any = None,
+            history: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+        question = check_question(question)  # bad input is refused at once, without queueing
+        with self.lane() as qa:
+            return qa.ask(question, k=k, on_token=on_token, history=history).as_dict()
 
     def events(self, question: str, k: int | None = None,
                history: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, Any]]:
         """("token", text) while the model writes, then ("answer", the ask --json object).
 
         The question is checked here, at the call, before the first event is asked for. The pipeline runs
-        in a worker thread that feeds a queue, so each token reaches the consumer as it comes while the lock
+        in a worker thread that feeds a queue, so each token reaches the consumer as it comes while the lane
         is held; an error in it is raised in the consumer's thread. When the consumer stops early (closes the
         generator), the next token raises inside the pipeline and ends it.
         """
         question = check_question(question)
-        if self._waiting >= self.max_waiting:  # refused now, rather than from inside a started stream
+        if self._free.empty() and self._waiting >= self.max_waiting:  # refused now, not inside a started stream
             raise Busy(f"{self._waiting} requests are already waiting; try again later")
         pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
         gone = threading.Event()
@@ -255,7 +307,7 @@ def create_app(settings: Settings, qa: QA | None = None, max_waiting: int = MAX_
     qa = qa or QA(settings)
     qa.prepare()
     _ = qa.llm, qa.index.embedder, qa.index.load_chunks()
-    service = QAService(qa, max_waiting=max_waiting)
+    service = QAService(make_lanes(qa), max_waiting=max_waiting)
 
     app = FastAPI(title="ragqa", summary="Grounded, cited answers from your documents.", docs_url=None,
                   redoc_url=None, openapi_url=None)  # nothing beyond the API itself is served

@@ -162,3 +162,25 @@ def fresh_chroma() -> None:
     from chromadb.api.client import SharedSystemClient
 
     SharedSystemClient.clear_system_cache()
+
+
+@pytest.fixture(scope="session")
+def llama_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`python -m llama_cpp.server` with the small model, started once for the test session and stopped after.
+
+    It loads the weights as ragqa does by default, without repacking (`repack = false`): the same arithmetic
+    as the in-process path it is compared with, and on a CPU with AMX the server's default (repacking, which
+    brings in llama.cpp's AMX matmul) died with SIGSEGV on its first prompt (CI host, 2026-12-02). The
+    server has no option for it, so the launcher sets the load default as ragqa's own loader does."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    gguf = models.final_path(models.REGISTRY[SMALL_MODEL], models_dir)
+    launch = ("import runpy, sys\nfrom ragqa.llm import model_params\nsys.argv[0] = 'llama_cpp.server'\n"
+              "with model_params(use_extra_bufts=False):\n"
+              "    runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n")
+    cmd = [sys.executable, "-c", launch, "--model", str(gguf), "--model_alias", SMALL_MODEL,
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--n_batch", "512",
+           "--verbose", "False", "--interrupt_requests", "False"]  # see llm.OpenAIChat.stream
+    url = f"http://127.0.0.1:{port}/v1"
+    with running_server(cmd, url + "/models", log):
+        yield url

@@ -36,8 +36,8 @@ def test_real_eval_run_on_a_small_file(tmp_path: Path, corpus_settings: Settings
     assert summary["n"] == 4
     overall = summary["overall"]
     for key in ("evidence_recall@k", "evidence_in_prompt", "hit@k", "mrr", "key_fact_accuracy", "negative_rejection",
-                "false_refusal", "citation_validity", "citation_support", "faithfulness", "latency", "prompt_tokens",
-                "counts", "ci95", "funnel"):
+                "false_refusal", "citation_validity", "citation_support", "faithfulness", "grounding_agreement",
+                "latency", "prompt_tokens", "counts", "ci95", "funnel"):
         assert key in overall
     funnel = overall["funnel"]
     assert sum(funnel["answerable"].values()) == 3 and sum(funnel["negative"].values()) == 1

@@ -490,6 +490,7 @@ def test_summary_splits_by_lang_and_type(corpus: CorpusTexts) -> None:
         "citation_validity",
         "citation_support",
         "faithfulness",
+        "grounding_agreement",
         "latency",
         "prompt_tokens",
         "counts",
@@ -1012,3 +1013,19 @@ def test_refusal_sweep_from_the_first_token_probabilities() -> None:
     # Above a run's own threshold the questions it refused have no answer to score.
     capped = {round(r["threshold"], 2): r for r in refusal_sweep(scores, run_threshold=0.5)}
     assert capped[0.9]["key_fact_accuracy"] is None and capped[0.45]["key_fact_accuracy"] is not None
+
+
+def test_grounding_agreement_counts_answered_answerable_questions_only() -> None:
+    """Right and supported, or wrong and unsupported, agree; refused and unanswerable questions are no case."""
+    from ragqa.evals.metrics import aggregate
+
+    def score(right: bool | None, supported: bool | None, answerable: bool = True) -> dict:
+        return {"answerable": answerable, "n_quotes": 0, "key_facts_ok": right, "faithful": supported, "rr": None,
+                "keys_found": 0, "n_keys": 1}
+
+    scores = [score(True, True), score(False, False), score(True, False), score(False, True), score(False, True),
+              score(False, None),  # refused: no grounding mark
+              score(None, True, answerable=False)]
+    out = aggregate(scores)
+    assert out["counts"]["grounding_agreement"] == [2, 5] and out["grounding_agreement"] == pytest.approx(0.4)
+    assert out["counts"]["faithfulness"] == [4, 6]

@@ -68,7 +68,7 @@ def test_answer_runnable_invokes_batches_and_streams_the_json_object() -> None:
     chunks = list((RunnablePassthrough() | answer).stream("杰文斯悖论是什么？"))
     assert [c["token"] for c in chunks[:-1]] == ["效率提高", "反而增加消耗。", " [1]"]
     assert chunks[-1]["answer"]["answer"] == "效率提高反而增加消耗。 [1]"
-    assert service_for(qa) is answer.service and not answer.service.lock.locked()
+    assert service_for(qa) is answer.service and answer.service.idle
     with pytest.raises(RagqaError, match="takes a question"):
         answer.invoke(42)
     with pytest.raises(RagqaError, match="k must be"):
@@ -125,4 +125,4 @@ def test_answer_runnable_in_an_lcel_chain_with_the_real_model(real_qa: QA) -> No
     assert all(set(c) == {"token"} for c in chunks[:-1]) and len(chunks) > 2
     if not final["refused"]:  # the text streamed is the answer returned
         assert "".join(c["token"] for c in chunks[:-1]).strip() == final["answer"]
-    assert not answer.service.lock.locked()
+    assert answer.service.idle

@@ -3,7 +3,6 @@ import math
 import re
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from ragqa.config import Settings
 from ragqa.errors import RagqaError
 from ragqa.llm import RETRY_DELAYS, LlamaCppChat, OpenAIChat, estimate_tokens, gguf_metadata, model_params
 
-from .conftest import ROOT, SMALL_MODEL, assert_one_line_error, free_port, make_settings, run_cli, running_server
+from .conftest import ROOT, SMALL_MODEL, assert_one_line_error, free_port, make_settings, run_cli
 
 
 def _tiny_gguf(path: Path, arch: str) -> Path:
@@ -190,8 +189,10 @@ def reply_json(status: int, obj: object) -> Callable[[BaseHTTPRequestHandler], N
     return send
 
 
-def reply_sse(pieces: list[str], drop: bool = False, delay: float = 0.0) -> Callable[[BaseHTTPRequestHandler], None]:
-    """A chat-completions stream, chunked; `drop` cuts the connection after the pieces, mid-body."""
+def reply_sse(pieces: list[str], drop: bool = False, delay: float = 0.0,
+              finish: str | None = "stop") -> Callable[[BaseHTTPRequestHandler], None]:
+    """A chat-completions stream, chunked; `drop` cuts the connection after the pieces, mid-body; `finish`
+    None ends it with [DONE] and no finish reason, as llama-cpp-python's server cuts a stream."""
 
     def send(h: BaseHTTPRequestHandler) -> None:
         time.sleep(delay)
@@ -201,6 +202,9 @@ def reply_sse(pieces: list[str], drop: bool = False, delay: float = 0.0) -> Call
         h.end_headers()
         events = [{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
                    "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces]
+        if finish and not drop:
+            events.append({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                           "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         for event in events:
             data = f"data: {json.dumps(event)}\n\n".encode()
             h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -315,6 +319,15 @@ def test_stream_retries_only_before_the_first_token(scripted) -> None:
             got.append(piece)
     assert got == ["The answer", " is"] and cut.count(chat) == 1  # never re-sent after tokens reached the user
 
+    # [DONE] without a finish reason: llama-cpp-python's server ends a stream so when another request arrives.
+    # The answer so far must not pass for whole.
+    ended = scripted({"GET /v1/models": [MODELS], chat: [reply_sse(["The answer", " is"], finish=None)]})
+    got.clear()
+    with pytest.raises(RagqaError, match=r"ended the answer without a finish reason.*--interrupt_requests False"):
+        for piece in openai_chat(ended.url).stream([{"role": "user", "content": "q"}], max_tokens=8):
+            got.append(piece)
+    assert got == ["The answer", " is"] and ended.count(chat) == 1
+
 
 def test_silent_server_times_out_without_resending(scripted) -> None:
     chat = "POST /v1/chat/completions"
@@ -344,29 +357,7 @@ def test_server_tokenizer_is_used_when_offered(scripted) -> None:
     assert openai_chat(plain.url).count_tokens("任何文本 and more") == estimate_tokens("任何文本 and more")
 
 
-# ---- a real llama-cpp-python OpenAI-compatible server on loopback -----------------------------------------
-@pytest.fixture(scope="module")
-def llama_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """`python -m llama_cpp.server` with the small model, started once for this module and stopped after.
-
-    It loads the weights as ragqa does by default, without repacking (`repack = false`): the same arithmetic
-    on both sides of the comparison below, and on a CPU with AMX the server's default (repacking, which
-    brings in llama.cpp's AMX matmul) died with SIGSEGV on its first prompt (CI host, 2026-12-02). The
-    server has no option for it, so the launcher sets the load default as ragqa's own loader does."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    gguf = models.final_path(models.REGISTRY[SMALL_MODEL], models_dir)
-    launch = ("import runpy, sys\nfrom ragqa.llm import model_params\nsys.argv[0] = 'llama_cpp.server'\n"
-              "with model_params(use_extra_bufts=False):\n"
-              "    runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n")
-    cmd = [sys.executable, "-c", launch, "--model", str(gguf), "--model_alias", SMALL_MODEL,
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--n_batch", "512",
-           "--verbose", "False"]
-    url = f"http://127.0.0.1:{port}/v1"
-    with running_server(cmd, url + "/models", log):
-        yield url
-
-
+# ---- a real llama-cpp-python OpenAI-compatible server on loopback (conftest.llama_server) -----------------
 @pytest.mark.slow
 def test_ask_answers_through_a_llama_cpp_server(llama_server: str, corpus_settings: Settings) -> None:
     env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),

@@ -22,14 +22,17 @@ from .conftest import assert_one_line_error, free_port, make_settings, run_cli, 
 class FakeQA:
     """Stands in for the pipeline in the logic tests: records how many questions run at once."""
 
-    def __init__(self, pause: float = 0.0) -> None:
+    guard = threading.Lock()  # one for all instances: `crowd` counts across lanes
+
+    def __init__(self, pause: float = 0.0, crowd: dict[str, int] | None = None) -> None:
         self.settings = make_settings(index="/nonexistent-index")
         self.llm = SimpleNamespace(name="fake-model")
         self.index = SimpleNamespace(embedder=object(), load_chunks=lambda: {"a": 1, "b": 2})
         self.pause = pause
         self.active = 0
         self.most_active = 0
-        self.guard = threading.Lock()
+        self.asked = 0
+        self.crowd = crowd if crowd is not None else {"now": 0, "most": 0}
 
     def prepare(self) -> None:
         pass
@@ -38,7 +41,10 @@ class FakeQA:
         self.history = history
         with self.guard:
             self.active += 1
+            self.asked += 1
             self.most_active = max(self.most_active, self.active)
+            self.crowd["now"] += 1
+            self.crowd["most"] = max(self.crowd["most"], self.crowd["now"])
         try:
             for word in ("答案", " [1]"):
                 time.sleep(self.pause)
@@ -49,6 +55,7 @@ class FakeQA:
         finally:
             with self.guard:
                 self.active -= 1
+                self.crowd["now"] -= 1
 
 
 def test_service_runs_one_question_at_a_time() -> None:
@@ -66,16 +73,54 @@ def test_service_runs_one_question_at_a_time() -> None:
 
 def test_service_refuses_when_too_many_wait() -> None:
     service = QAService(FakeQA(), max_waiting=1)  # type: ignore[arg-type]
-    service.lock.acquire()
-    waiter = threading.Thread(target=service.ask, args=("first?",))
-    waiter.start()
-    while service._waiting < 1:
-        time.sleep(0.01)
-    with pytest.raises(Busy, match="already waiting"):
-        service.ask("second?")
-    service.lock.release()
+    with service.lane():
+        waiter = threading.Thread(target=service.ask, args=("first?",))
+        waiter.start()
+        while service._waiting < 1:
+            time.sleep(0.01)
+        with pytest.raises(Busy, match="already waiting"):
+            service.ask("second?")
+        assert service.health()["busy"] and service.health()["waiting"] == 1
     waiter.join()
-    assert service._waiting == 0 and not service.lock.locked()
+    assert service._waiting == 0 and service.idle
+
+
+def test_lanes_answer_at_once_each_one_question_at_a_time() -> None:
+    """Three lanes, nine questions: three run together, never two on one lane (its per-call state)."""
+    crowd = {"now": 0, "most": 0}
+    lanes = [FakeQA(pause=0.05, crowd=crowd) for _ in range(3)]
+    service = QAService(lanes)  # type: ignore[arg-type]
+    threads = [threading.Thread(target=service.ask, args=(f"问题 {i}？",)) for i in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(q.most_active == 1 for q in lanes) and crowd["most"] == 3
+    assert sum(q.asked for q in lanes) == 9 and service.idle and service.health()["lanes"] == 3
+
+
+def test_lanes_only_for_a_model_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-process model: one lane whatever serve_parallel says. A model server: serve_parallel lanes over
+    one index, each with its own client, whose retrievals take turns on one lock."""
+    from ragqa import serve
+    from ragqa.chain import QA
+    from ragqa.errors import RagqaError
+
+    clients: list[SimpleNamespace] = []
+    monkeypatch.setattr(serve, "load_llm", lambda s: clients.append(SimpleNamespace(name="m")) or clients[-1])
+    index = SimpleNamespace()
+    local = QA(make_settings(serve_parallel=4), index=index, llm=SimpleNamespace(name="m"))  # type: ignore[arg-type]
+    assert serve.make_lanes(local) == [local] and not clients
+    remote = QA(make_settings(serve_parallel=3, llm_url="http://127.0.0.1:9/v1"), index=index,  # type: ignore[arg-type]
+                llm=SimpleNamespace(name="m"))
+    lanes = serve.make_lanes(remote)
+    assert len(lanes) == 3 and lanes[0] is remote and all(q.index is index for q in lanes)
+    assert [q.llm for q in lanes[1:]] == clients and len({id(q.llm) for q in lanes}) == 3
+    locks = {id(q.retriever._lock) for q in lanes}  # noqa: SLF001
+    assert len(locks) == 1 and lanes[1].retriever.k == remote.settings.k  # the wrapper passes attributes on
+    with pytest.raises(RagqaError, match="serve_parallel must be 1 or more"):
+        serve.make_lanes(QA(make_settings(serve_parallel=0, llm_url="http://127.0.0.1:9/v1"), index=index,  # type: ignore[arg-type]
+                            llm=SimpleNamespace(name="m")))
 
 
 def test_api_shapes_and_bad_input() -> None:
@@ -134,7 +179,9 @@ def test_a_full_queue_says_when_to_retry() -> None:
     from fastapi.testclient import TestClient
 
     app = create_app(make_settings(), qa=FakeQA(), max_waiting=0)  # type: ignore[arg-type]
-    resp = TestClient(app).post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "是什么？"}]})
+    with app.state.service.lane():  # the one lane is answering, and no request may wait for it
+        body = {"messages": [{"role": "user", "content": "是什么？"}]}
+        resp = TestClient(app).post("/v1/chat/completions", json=body)
     assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
     assert "waiting" in resp.json()["error"]["message"]
 
@@ -154,7 +201,7 @@ def test_an_error_mid_stream_is_the_streams_last_line() -> None:
     assert next(events) == ("token", "部分")
     with pytest.raises(RagqaError, match="stopped mid-answer"):
         next(events)  # outside HTTP the error is raised, in the consumer's thread
-    assert not service.lock.locked()
+    assert service.idle
 
 
 def test_serve_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
@@ -256,3 +303,44 @@ def test_the_openai_client_streams_a_cited_answer_from_serve(server: str) -> Non
     assert all(Path(c["source"]).is_file() for c in answer["citations"])
     with pytest.raises(openai.BadRequestError, match="the question is empty"):
         client.chat.completions.create(model="ragqa", messages=[{"role": "user", "content": ""}])
+
+
+@pytest.mark.slow
+def test_serve_with_a_model_server_answers_in_lanes(llama_server: str, corpus_settings: Settings,
+                                                    tmp_path: Path) -> None:
+    """`serve --llm-url --parallel 3` against a real llama_cpp.server: three questions at once, each answered
+    whole, a question asked twice at once answered alike, and alike again when asked alone (no lane's
+    per-call state leaks into another's). Whether the server batches them is its own affair: this one takes
+    turns; `llama-server --parallel N` batches."""
+    port = free_port()
+    env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
+           "RAGQA_HOME": str(tmp_path / "home"), "RAGQA_MAX_TOKENS": "48"}
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    questions = ["杰文斯悖论是谁提出的？", "Who proposed the Jevons paradox?", "杰文斯悖论是谁提出的？"]
+    cmd = [sys.executable, "-c", "from ragqa.cli import main; main()", "serve", "--port", str(port),
+           "--llm-url", llama_server, "--parallel", "3"]
+    with running_server(cmd, url + "/health", log, env=env):
+        health = json.loads(urllib.request.urlopen(url + "/health", timeout=30).read())
+        assert health["lanes"] == 3 and health["answering"] == 0
+        results: dict[int, tuple[int, Any]] = {}
+        threads = [threading.Thread(target=lambda i=i, q=q: results.__setitem__(i, post(url + "/ask", {"question": q})))
+                   for i, q in enumerate(questions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        alone = post(url + "/ask", {"question": questions[0]})
+    bodies = []
+    for status, text in [results[i] for i in range(len(questions))] + [alone]:
+        assert status == 200, text
+        bodies.append(json.loads(text))
+    for body, question in zip(bodies, questions + questions[:1], strict=True):
+        assert body["question"] == question and body["answer"] and body["model"].endswith(f"@ {llama_server}")
+        for c in body["citations"]:
+            assert 1 <= c["n"] <= len(body["context"])
+    same = [bodies[0], bodies[2], bodies[3]]
+    assert len({b["answer"] for b in same}) == 1, [b["answer"] for b in same]
+    assert len({b["timings"]["prompt_tokens"] for b in same}) == 1
+    assert bodies[1]["translated_question"]  # the English one took its translation call in its own lane
+    assert "Traceback" not in log.read_text(encoding="utf-8")

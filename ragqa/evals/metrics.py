@@ -34,6 +34,7 @@ RATE_METRICS = (
     "citation_validity",
     "citation_support",
     "faithfulness",
+    "grounding_agreement",
 )
 METRIC_KEYS = (*RATE_METRICS, "latency", "prompt_tokens")
 LATENCY_PARTS = ("retrieve_ms", "ttft_ms", "total_ms")
@@ -482,6 +483,12 @@ def aggregate(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "citation_validity": flags(scores, "citation_valid"),
         "citation_support": flags(ans, "citation_support"),
         "faithfulness": flags(scores, "faithful"),
+        # What the cheap grounding mark is worth as a signal: on answered answerable questions, how often
+        # "every sentence supported" agrees with the key-fact judgement (right and supported, or wrong and not).
+        "grounding_agreement": (
+            float(sum(bool(s["faithful"]) == bool(s["key_facts_ok"]) for s in judged if s.get("faithful") is not None)),
+            sum(1 for s in judged if s.get("faithful") is not None),
+        ),
     }
     latency: dict[str, Any] = {
         part: {"p50": percentile(values(part), 50), "p95": percentile(values(part), 95)}

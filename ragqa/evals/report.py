@@ -39,6 +39,7 @@ RATE_LABELS = {
     "citation_validity": "citation validity",
     "citation_support": "citation support",
     "faithfulness": "faithfulness",
+    "grounding_agreement": "grounding agrees with key facts",
 }
 PALETTE = ("#3b6fd8", "#e0823d", "#3aa57a", "#c2477b", "#8a63d2", "#b59a2c", "#4aa3c2", "#7a7a7a")
 FONT_STACK = (

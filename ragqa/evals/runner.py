@@ -386,6 +386,7 @@ _GROUP_METRICS = {
     "citation_validity": "cit valid",
     "citation_support": "cit supp",
     "faithfulness": "faithful",
+    "grounding_agreement": "grnd agree",
 }
 
 
