@@ -188,17 +188,28 @@ def test_user_setting_overrides_the_probe_and_reaches_llama_cpp(small_probe: Any
 
     settings, path = small_probe
     record, where = kernels.ensure(settings, path)
-    # Whatever the probe chose for repacking, the user asks for the other; the rest stays the probe's.
+    # Whatever the probe chose for repacking, the user asks for the other; the rest stays the probe's. Where
+    # the probe saw that setting fail (repacking crashed llama.cpp on an Intel AMX host), asking for it is one
+    # clear line, and the user's setting tried is the micro-batch size instead.
     wanted = not record["kernel"]["repack"]
-    llm = LlamaCppChat(settings.replace(repack=wanted, prompt_cache=False))
-    assert llm.kernel.repack is wanted and llm.kernel_sources["repack"] == "override"
-    assert llm.kernel_sources["n_ubatch"] == f"probe {record['date']} ({where})"
+    crashed = any(c["kernel"] == {**record["kernel"], "repack": wanted} and "error" in c for c in record["candidates"])
+    if crashed:
+        with pytest.raises(RagqaError, match=r"failed with repack=True on this host when probed .*; change repack"):
+            LlamaCppChat(settings.replace(repack=wanted, prompt_cache=False))
+        key, value = "n_ubatch", 256 if record["kernel"]["n_ubatch"] != 256 else 128
+    else:
+        key, value = "repack", wanted
+    llm = LlamaCppChat(settings.replace(**{key: value}, prompt_cache=False))
+    assert getattr(llm.kernel, key) == value and llm.kernel_sources[key] == "override"
+    kept = "n_threads" if key == "n_ubatch" else "n_ubatch"
+    assert llm.kernel_sources[kept] == f"probe {record['date']} ({where})"
     # What llama.cpp was handed: the model's parameters and the context's.
-    assert llm.client.model_params.use_extra_bufts is wanted
-    assert llm.client.context_params.n_ubatch == record["kernel"]["n_ubatch"]
-    assert llm.client.context_params.n_threads_batch == record["kernel"]["n_threads"]
-    shown = kernels.describe(settings.replace(repack=wanted))
-    assert shown["repack"] == (wanted, "override") and shown["n_threads"][1].startswith("probe ")
+    expected = {**record["kernel"], key: value}
+    assert llm.client.model_params.use_extra_bufts is expected["repack"]
+    assert llm.client.context_params.n_ubatch == expected["n_ubatch"]
+    assert llm.client.context_params.n_threads_batch == expected["n_threads"]
+    shown = kernels.describe(settings.replace(**{key: value}))
+    assert shown[key] == (value, "override") and shown["n_threads"][1].startswith("probe ")
 
 
 @pytest.mark.slow
