@@ -184,8 +184,7 @@ class QAService:
     def lane(self) -> Iterator[QA]:
         """A free lane for the block, waited for; Busy when `max_waiting` requests already wait."""
         with self._count:
-            if self._free.empty() and self._waiting >= self.max_waiting:
-                raise Busy(f"{self._waiting} requests are already waiting; try again later")
+            self._refuse_if_full()
             self._waiting += 1
         try:
             lane = self._free.get()
@@ -196,6 +195,11 @@ class QAService:
             yield lane
         finally:
             self._free.put(lane)
+
+    def _refuse_if_full(self) -> None:
+        """Busy when no lane is free and `max_waiting` requests already wait for one."""
+        if self._free.empty() and self._waiting >= self.max_waiting:
+            raise Busy(f"{self._waiting} requests are already waiting; try again later")
 
     @property
     def idle(self) -> bool:
@@ -218,8 +222,7 @@ class QAService:
         generator), the next token raises inside the pipeline and ends it.
         """
         question = check_question(question)
-        if self._free.empty() and self._waiting >= self.max_waiting:  # refused now, not inside a started stream
-            raise Busy(f"{self._waiting} requests are already waiting; try again later")
+        self._refuse_if_full()  # refused now, rather than from inside a started stream
         pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
         gone = threading.Event()
 

@@ -459,6 +459,7 @@ def aggregate(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
     neg = [s for s in scores if not s["answerable"]]
     with_quotes = [s for s in ans if s["n_quotes"]]
     judged = [s for s in ans if s["key_facts_ok"] is not None]
+    grounded = [s for s in judged if s.get("faithful") is not None]  # answered: a refusal has no grounding mark
     prompted = [s for s in with_quotes if s.get("quotes_in_prompt") is not None]
 
     def flags(group: Iterable[dict[str, Any]], key: str) -> tuple[float, int]:
@@ -486,8 +487,7 @@ def aggregate(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
         # What the cheap grounding mark is worth as a signal: on answered answerable questions, how often
         # "every sentence supported" agrees with the key-fact judgement (right and supported, or wrong and not).
         "grounding_agreement": (
-            float(sum(bool(s["faithful"]) == bool(s["key_facts_ok"]) for s in judged if s.get("faithful") is not None)),
-            sum(1 for s in judged if s.get("faithful") is not None),
+            float(sum(bool(s["faithful"]) == bool(s["key_facts_ok"]) for s in grounded)), len(grounded)
         ),
     }
     latency: dict[str, Any] = {
