@@ -526,7 +526,8 @@ def serve(
 @app.command()
 def bench(
     names: Annotated[
-        list[str] | None, typer.Argument(help="generation, ttft, ingest, retrieval, cold (default: all).")
+        list[str] | None, typer.Argument(help="generation, ttft, ingest, retrieval, cold (default: these), "
+                                              "serve (needs --llm-url).")
     ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes, one run: checks it works, in minutes.")] = False,
     runs: Annotated[int | None, typer.Option("--runs", help="Measured runs after one warm-up.")] = None,
@@ -540,6 +541,8 @@ def bench(
         float, typer.Option("--max-build-minutes", help="Skip synthetic sizes whose build would take longer.")
     ] = 15.0,
     index: Annotated[Path | None, typer.Option("--index", help="Corpus index to reuse (default: OUT/index).")] = None,
+    clients: Annotated[str, typer.Option("--clients", help="serve: concurrent clients, e.g. 1,4,16.")] = "1,4,16",
+    llm_url: LlmUrlOpt = None,
     model: ModelOpt = None,
     embedder: EmbedderOpt = None,
     threads: ThreadsOpt = None,
@@ -551,7 +554,7 @@ def bench(
     opts = b.quick_defaults(runs, questions, sizes, quick)
     if opts["runs"] < 1:
         raise RagqaError("--runs must be at least 1")
-    settings = settings_from(model=model, embedder=embedder, threads=threads)
+    settings = settings_from(model=model, embedder=embedder, threads=threads, llm_url=llm_url)
     if not suite.is_file():
         raise RagqaError(f"eval suite {suite} not found (run from the repository root, or pass --suite)")
     if not Path(settings.corpus).is_dir():
@@ -559,7 +562,8 @@ def bench(
     settings = settings.replace(corpus=Path(settings.corpus).resolve())
     target = (out_dir or settings.home / "bench" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     ctx = b.BenchContext(settings=settings, out=target, suite=suite, quick=quick, console=out,
-                         max_build_minutes=max_build_minutes, index=index, **opts)
+                         max_build_minutes=max_build_minutes, index=index, clients=b.parse_clients(clients),
+                         **opts)
     b.run_benchmarks(ctx, chosen)
     err.print(f"results in {target} (bench.json and one JSON per benchmark)")
 

@@ -41,7 +41,12 @@ def test_sizes_names_and_quick_defaults() -> None:
     for bad in ("", "10k", "0,5"):
         with pytest.raises(RagqaError, match="--sizes"):
             bench.parse_sizes(bad)
-    assert bench.check_names([]) == list(bench.BENCHMARKS)
+    assert bench.check_names([]) == [n for n in bench.BENCHMARKS if n != "serve"]  # serve needs a model server
+    assert bench.check_names(["serve"]) == ["serve"]
+    assert bench.parse_clients("1, 4,16") == (1, 4, 16)
+    for bad in ("", "four", "0,4"):
+        with pytest.raises(RagqaError, match="--clients"):
+            bench.parse_clients(bad)
     with pytest.raises(RagqaError, match="unknown benchmark nope"):
         bench.check_names(["ttft", "nope"])
     quick = bench.quick_defaults(None, None, None, quick=True)
@@ -105,6 +110,29 @@ def test_tables_show_each_figure_beside_its_baseline() -> None:
     assert "100000" in text and "61.5" in text and "640.0" in text and "est. 18.5 min" in text
 
 
+def test_serve_counts_only_whole_cited_answers_as_well_formed() -> None:
+    from ragqa.evals.bench.serve import well_formed
+
+    def body(**d) -> bytes:
+        return json.dumps(d, ensure_ascii=False).encode()
+
+    cited = [{"n": 1, "text": "…"}, {"n": 2, "text": "…"}]
+    assert well_formed(200, body(answer="杰文斯悖论指效率提高反而增加消耗 [1][2]。", citations=cited)) is None
+    assert well_formed(200, body(answer="文档中没有相关信息。", citations=[], refused=True)) is None
+    assert well_formed(200, body(answer="It rose [3].", citations=cited)) == "cites [3] that is not in its citations"
+    assert well_formed(200, body(answer="  ", citations=cited)) == "no answer text"
+    assert well_formed(200, body(answer="x [1]")) == "no citations list"
+    assert well_formed(200, b"<html>") == "not JSON"
+    assert well_formed(503, body(error="busy")) == "HTTP 503"
+    res = {"llm_url": "http://127.0.0.1:8080/v1", "model_server_slots": 4, "rows": [
+        {"mode": "one lane", "clients": 4, "requests": 8, "answers_per_min": 6.5, "throughput_vs_one_lane": 1.0,
+         "latency_ms": {"p50": 30000.0, "p95": 41000.0}, "errors": 0},
+        {"mode": "4 lanes", "clients": 4, "requests": 8, "answers_per_min": 14.25, "throughput_vs_one_lane": 2.19,
+         "latency_ms": {"p50": 15500.0, "p95": 19000.0}, "errors": 0}]}
+    text = _render("serve", res)
+    assert "slots: 4" in text and "4 lanes" in text and "14.2" in text and "2.190" in text
+
+
 def test_machine_description() -> None:
     m = bench.machine(Settings())
     assert m["cores"] and m["threads"] == 2 and m["cpu"]
@@ -116,6 +144,9 @@ def test_cli_bench_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("bench", "nope"), "unknown benchmark nope")
     assert_one_line_error(run_cli("bench", "retrieval", "--sizes", "abc"), "--sizes")
     assert_one_line_error(run_cli("bench", "ttft", "--suite", str(tmp_path / "none.jsonl")), "not found")
+    assert_one_line_error(run_cli("bench", "serve", "--clients", "1,x"), "--clients")
+    no_server = run_cli("bench", "serve", "--out", str(tmp_path / "b"), env={"RAGQA_LLM_URL": ""})
+    assert_one_line_error(no_server, "pass --llm-url")
 
 
 @pytest.mark.slow
@@ -138,6 +169,28 @@ def test_bench_retrieval_quick_runs_end_to_end(corpus_settings: Settings, tmp_pa
     assert synthetic["insert_rate_per_s"] > 0 and synthetic["disk_mb"] > 0
     assert res["met"] is None  # no 100k size in this run: the target is not judged
     assert "retrieval, query embedding excluded" in proc.stdout and "rank_bm25 p95" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_serve_against_a_real_model_server(corpus_settings: Settings, llama_server: str,
+                                                 tmp_path: Path) -> None:
+    """The real serve benchmark: the real app with one lane and with two, clients at once over HTTP, answers
+    from a real llama_cpp.server (0.5B). That server decodes one request at a time, so no gain is asserted;
+    what must hold is that every answer came back whole, in both modes and at every client count."""
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "serve", "--clients", "2", "--questions", "2", "--llm-url", llama_server,
+                   "--index", str(corpus_settings.index_dir), "--out", str(out),
+                   env={"RAGQA_HOME": str(tmp_path / "home"), "RAGQA_MODELS": str(corpus_settings.models_dir),
+                        "RAGQA_SERVE_PARALLEL": "2", "RAGQA_MAX_TOKENS": "64"})
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "serve.json").read_text(encoding="utf-8"))
+    assert [(r["mode"], r["clients"]) for r in res["rows"]] == [("one lane", 2), ("2 lanes", 2)]
+    assert res["errors"] == 0 and all(r["problems"] == [] for r in res["rows"])
+    for r in res["rows"]:
+        assert r["requests"] >= 2 * r["clients"] and r["answers_per_min"] > 0
+        assert r["latency_ms"]["p95"] >= r["latency_ms"]["p50"] > 0
+    assert res["rows"][0]["throughput_vs_one_lane"] == 1.0 and res["rows"][1]["throughput_vs_one_lane"] > 0
+    assert "vs one lane" in proc.stdout
 
 
 @pytest.mark.slow

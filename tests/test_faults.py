@@ -23,7 +23,7 @@ from ragqa.index import Index
 
 from .conftest import LIGHT_EMBEDDER, assert_one_line_error, fresh_chroma, make_settings, run_cli
 
-KILL_TRIALS = 20
+KILL_TRIALS = 12
 CLI = [sys.executable, "-c", "from ragqa.cli import main; main()"]
 
 
@@ -93,7 +93,7 @@ def _cli(*args: str, env: dict[str, str], preexec_fn: Callable[[], None] | None 
 @pytest.mark.slow
 def test_kill_nine_at_random_points_leaves_a_consistent_index(tmp_path: Path, models_dir: Path,
                                                               light_embedder) -> None:
-    """20 ingests killed at seeded random moments spread over a whole run (start-up, embedding, commit, GC):
+    """12 ingests killed at seeded random moments spread over a whole run (start-up, embedding, commit, GC):
     each leaves exactly the old or the new state, retrievable, and a re-run completes it."""
     docs, settings, before = _built(tmp_path / "measure", models_dir, light_embedder)
     _change(docs)

@@ -10,7 +10,9 @@ The baselines are measured in the same process on the same machine in the same r
 - ttft: end-to-end time to first token over the eval questions (and the prompt sizes behind it);
 - ingest: `Index.ingest` from empty vs the embedder alone on the same chunks in the same batches;
 - retrieval: dense + BM25 + fusion at growing synthetic sizes, BM25 beside rank_bm25 (the old scorer);
-- cold: `ragqa ask` from process start to first token, split into imports, model loads and warm TTFT.
+- cold: `ragqa ask` from process start to first token, split into imports, model loads and warm TTFT;
+- serve: `ragqa serve` with 1, 4, 16 clients against a model server, its lanes vs one lane (only when named:
+  it needs `--llm-url`).
 
 Not part of the test suite's pass/fail: the figures depend on the machine and on who else uses it.
 """
@@ -25,7 +27,7 @@ from typing import Any
 from rich.table import Table
 
 from ragqa.errors import RagqaError
-from ragqa.evals.bench import cold, generation, ingest, retrieval, ttft
+from ragqa.evals.bench import cold, generation, ingest, retrieval, serve, ttft
 from ragqa.evals.bench.common import (
     FULL_SIZES,
     QUICK_SIZES,
@@ -41,13 +43,15 @@ from ragqa.evals.bench.common import (
     summarize_ms,
 )
 
-BENCHES = {"generation": generation, "ttft": ttft, "ingest": ingest, "retrieval": retrieval, "cold": cold}
+BENCHES = {"generation": generation, "ttft": ttft, "ingest": ingest, "retrieval": retrieval, "cold": cold,
+           "serve": serve}
 BENCHMARKS = tuple(BENCHES)
+ON_REQUEST = ("serve",)  # not in the default run: it needs a model server
 TARGETS = {name: module.TARGET for name, module in BENCHES.items()}
 
 __all__ = [
     "BENCHMARKS", "FULL_SIZES", "QUICK_SIZES", "TARGETS", "BenchContext", "TimedLLM", "alternate", "check_names",
-    "fmt", "gen_rate", "machine", "make_table", "median", "parse_sizes", "quick_defaults", "ratio",
+    "fmt", "gen_rate", "machine", "make_table", "median", "parse_clients", "parse_sizes", "quick_defaults", "ratio",
     "run_benchmarks", "summarize_ms", "tables",
 ]
 
@@ -62,11 +66,21 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def parse_clients(text: str) -> tuple[int, ...]:
+    try:
+        clients = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise RagqaError(f"--clients must be comma-separated integers, got {text!r}") from None
+    if not clients or any(x <= 0 for x in clients):
+        raise RagqaError(f"--clients must be positive integers, got {text!r}")
+    return clients
+
+
 def check_names(names: Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         raise RagqaError(f"unknown benchmark {', '.join(unknown)} (known: {', '.join(BENCHMARKS)})")
-    return list(names) or list(BENCHMARKS)
+    return list(names) or [n for n in BENCHMARKS if n not in ON_REQUEST]
 
 
 def tables(name: str, res: dict[str, Any]) -> list[Table]:

@@ -138,6 +138,7 @@ class BenchContext:
     quick: bool = False
     max_build_minutes: float = 15.0
     index: Path | None = None  # an index of the corpus to reuse; default OUT/index
+    clients: tuple[int, ...] = (1, 4, 16)  # concurrent clients of the serve benchmark
     console: Console = field(default_factory=Console)
     _embedder: Any = None
     _llm: Any = None
