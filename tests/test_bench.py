@@ -187,7 +187,7 @@ def test_bench_serve_against_a_real_model_server(corpus_settings: Settings, llam
     assert [(r["mode"], r["clients"]) for r in res["rows"]] == [("one lane", 2), ("2 lanes", 2)]
     assert res["errors"] == 0 and all(r["problems"] == [] for r in res["rows"])
     for r in res["rows"]:
-        assert r["requests"] >= 2 * r["clients"] and r["answers_per_min"] > 0
+        assert r["requests"] == 2 and r["answers_per_min"] > 0
         assert r["latency_ms"]["p95"] >= r["latency_ms"]["p50"] > 0
     assert res["rows"][0]["throughput_vs_one_lane"] == 1.0 and res["rows"][1]["throughput_vs_one_lane"] > 0
     assert "vs one lane" in proc.stdout

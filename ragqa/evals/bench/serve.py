@@ -6,6 +6,10 @@ with `serve_parallel = 1`, which answers one question at a time as `serve` did b
 lanes can win depends on the model server: against one that batches (llama.cpp's `llama-server --parallel 4`,
 vLLM) several answers are decoded in one batch; against one that serializes, nothing.
 
+A model server with a prompt cache answers a question it has seen in a fraction of the time, so each client
+count asks questions of its own, the next ones of the suite, and both sides ask the same ones; for a clean
+comparison run the model server without its prompt cache (`llama-server --no-cache-prompt --cache-ram 0`).
+
 Every response is checked: HTTP 200, an `answer` string, a `citations` list, and every `[n]` in the answer
 naming one of them (or a refusal). A 503 (queue full) or any other status counts as an error; the app's queue
 is sized to the largest client count so a full queue does not hide a slow lane.
@@ -70,10 +74,11 @@ def ask(port: int, question: str) -> tuple[float, str | None]:
     return time.perf_counter() - t, problem
 
 
-def load(port: int, questions: Sequence[str], clients: int, requests: int) -> dict[str, Any]:
-    """`requests` questions (the list round-robin) asked by `clients` threads at once, each asking its next
-    one as soon as its previous answer is in."""
+def load(port: int, questions: Sequence[str], clients: int) -> dict[str, Any]:
+    """The questions asked by `clients` threads at once, each asking its next one as soon as its previous
+    answer is in."""
     lock = threading.Lock()
+    requests = len(questions)
     todo = iter(range(requests))
     latencies: list[float] = []
     problems: list[str] = []
@@ -84,7 +89,7 @@ def load(port: int, questions: Sequence[str], clients: int, requests: int) -> di
                 i = next(todo, None)
             if i is None:
                 return
-            seconds, problem = ask(port, questions[i % len(questions)])
+            seconds, problem = ask(port, questions[i])
             with lock:
                 latencies.append(seconds * 1000)
                 if problem:
@@ -151,25 +156,30 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                          "(e.g. llama-server -m MODEL.gguf --parallel 4, then --llm-url http://127.0.0.1:8080/v1)")
     clients = sorted(set(ctx.clients))
     lanes = max(settings.serve_parallel, 1)
-    questions = [q["question"] for q in ctx.load_questions(ctx.questions)]
-    if not questions:
+    suite = [q["question"] for q in ctx.load_questions()]
+    if not suite:
         raise RagqaError(f"no questions in {ctx.suite}")
+    per_level = ctx.questions or 8
+    # Each client count its own questions (the suite's next ones, round-robin), at least one per client.
+    levels, at = {}, 0
+    for c in clients:
+        n = max(c, per_level)
+        levels[c] = [suite[(at + i) % len(suite)] for i in range(n)]
+        at += n
     rows: list[dict[str, Any]] = []
     for mode, parallel in (("one lane", 1), (f"{lanes} lanes", lanes)):
         with app_server(ctx, parallel, max_waiting=max(clients)) as port:
-            ask(port, questions[0])  # warm-up: the first request loads what is still lazy
+            ask(port, suite[-1])  # warm-up: the first request loads what is still lazy
             for c in clients:
-                # At least two questions per client and a round of the list, so each level runs in steady state.
-                requests = max(2 * c, min(len(questions), 4 * max(clients)))
-                ctx.console.print(f"[dim]  {mode}: {c} client(s), {requests} questions…[/]")
-                rows.append({"mode": mode, "lanes": parallel, **load(port, questions, c, requests)})
+                ctx.console.print(f"[dim]  {mode}: {c} client(s), {len(levels[c])} questions…[/]")
+                rows.append({"mode": mode, "lanes": parallel, **load(port, levels[c], c)})
     base = {r["clients"]: r for r in rows if r["lanes"] == 1}
     for r in rows:
         r["throughput_vs_one_lane"] = rnd(ratio(r["answers_per_min"], base[r["clients"]]["answers_per_min"]))
     gains = [r["throughput_vs_one_lane"] for r in rows if r["lanes"] > 1 and r["clients"] >= 4]
     errors = sum(r["errors"] for r in rows)
     return {"llm_url": settings.llm_url, "model_server_slots": model_server_slots(settings.llm_url),
-            "serve_parallel": lanes, "questions": len(questions), "rows": rows, "errors": errors,
+            "serve_parallel": lanes, "questions_per_level": per_level, "rows": rows, "errors": errors,
             "target": TARGET,
             "met": bool(gains) and errors == 0 and all(g is not None and g > 1 for g in gains)}
 
