@@ -445,7 +445,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path: Path, chroma:
 
 @pytest.mark.slow
 def test_a_writer_killed_mid_ingest_leaves_the_old_version_and_its_lease_expires(
-        tmp_path: Path, chroma: ChromaServer, embedder) -> None:
+        tmp_path: Path, chroma: ChromaServer, embedder, models_dir: Path) -> None:
     docs = _docs(tmp_path)
     (docs / "b.md").unlink()
     name = "killed-writer"
@@ -459,7 +459,7 @@ def test_a_writer_killed_mid_ingest_leaves_the_old_version_and_its_lease_expires
                                encoding="utf-8")
 
     env = {"RAGQA_HOME": str(tmp_path / "home-a"), "RAGQA_EMBED_BATCH_SIZE": "1", "RAGQA_LEASE_SECONDS": "4",
-           "HF_HUB_OFFLINE": "1"}
+           "RAGQA_MODELS": str(models_dir), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-c", "from ragqa.cli import main; main()", "ingest", str(docs), "--index-name", name,
            "--chroma-url", chroma.url, "--chunk-size", "120", "--chunk-overlap", "20"]
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
