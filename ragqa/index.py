@@ -940,6 +940,7 @@ STATE_SUFFIX = "__state"
 HEAD_ID = "head"
 LEASE_ID = "lease"
 LEASE_SETTLE_S = 0.5  # how long a new lease is left before it is read back (Chroma has no compare-and-swap)
+_LIVE_LEASES: set[str] = set()  # owners of the leases this process holds now
 
 
 class _Lease:
@@ -956,7 +957,8 @@ class _Lease:
         self.index = index
         self.side = side
         self.seconds = max(0.5, seconds)
-        self.owner = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.owner = f"{self.host} pid {self.pid} ({uuid.uuid4().hex[:8]})"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -966,7 +968,7 @@ class _Lease:
         return json.loads(got["documents"][0]) if got["ids"] else None
 
     def _write(self) -> None:
-        record = {"owner": self.owner, "expires_at": time.time() + self.seconds}
+        record = {"owner": self.owner, "host": self.host, "pid": self.pid, "expires_at": time.time() + self.seconds}
         with self.index._vector_op("writing the ingest lease"):
             self.side.upsert(ids=[LEASE_ID], documents=[json.dumps(record)], embeddings=[[1.0]])
 
@@ -979,15 +981,22 @@ class _Lease:
             f"expires at {until} unless renewed; wait for it to finish"
         )
 
+    def _dead(self, held: dict[str, Any]) -> bool:
+        """A lease this process left and no longer holds: an ingest here that could not release it (its
+        server went away mid-way). Another process's lease waits for its expiry, even on this host: a pid
+        seen from here proves nothing about a writer sharing the hostname in another container."""
+        return held.get("host") == self.host and held.get("pid") == self.pid and held["owner"] not in _LIVE_LEASES
+
     def acquire(self) -> None:
         held = self._read()
-        if held and held["owner"] != self.owner and held["expires_at"] > time.time():
+        if held and held["owner"] != self.owner and held["expires_at"] > time.time() and not self._dead(held):
             raise self._busy(held)
         self._write()
         time.sleep(LEASE_SETTLE_S)
         held = self._read()
         if not held or held["owner"] != self.owner:
             raise self._busy(held)
+        _LIVE_LEASES.add(self.owner)
         self._thread = threading.Thread(target=self._renew, name="ragqa-lease", daemon=True)
         self._thread.start()
 
@@ -1010,6 +1019,7 @@ class _Lease:
             )
 
     def release(self) -> None:
+        _LIVE_LEASES.discard(self.owner)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
