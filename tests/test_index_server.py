@@ -516,3 +516,26 @@ def test_index_list_shows_the_server_and_the_local_indexes(tmp_path: Path, embed
         assert {c.name for c in server.client().list_collections()} == {"listed-one", "listed-one__state"}
         table = run_cli("index", "list", "--chroma-url", server.url, env={"RAGQA_HOME": str(tmp_path / "home-a")})
         assert table.returncode == 0 and "listed-one" in table.stdout, table.stderr
+
+
+@pytest.mark.slow
+def test_cli_ask_from_an_empty_home_gives_the_same_answer(tmp_path: Path, models_dir: Path) -> None:
+    """Temperature 0 (the default): the same passages from the server give the same answer on another home."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(ROOT / "corpus" / "000_f5fd2a6a8ad6d922.txt", corpus)
+    question = "文中说人工智能发展的一个转折点发生在什么时候？"
+    with chroma_server(tmp_path / "db") as server:
+        common = ["--chroma-url", server.url, "--index-name", "shared-corpus"]
+        env_a = {"RAGQA_MODELS": str(models_dir), "RAGQA_HOME": str(tmp_path / "home-a")}
+        env_b = {"RAGQA_MODELS": str(models_dir), "RAGQA_HOME": str(tmp_path / "home-b")}
+        ingested = run_cli("ingest", str(corpus), *common, env=env_a)
+        assert ingested.returncode == 0, ingested.stderr
+        answers = []
+        for env in (env_a, env_b):
+            asked = run_cli("ask", question, "--json", "--model", SMALL_MODEL, *common, env=env)
+            assert asked.returncode == 0, asked.stderr
+            answers.append(json.loads(asked.stdout))
+        assert not (tmp_path / "home-b" / "indexes" / "shared-corpus" / "chroma").exists()
+        assert answers[0]["retrieved"] and answers[0]["retrieved"] == answers[1]["retrieved"]
+        assert answers[0]["answer"] and answers[0]["answer"] == answers[1]["answer"]
