@@ -470,9 +470,10 @@ class Index:
         """The commit point on a server: the state `con` is about to commit, as one head upsert.
 
         Called inside the local transaction, so a failed upsert rolls the local state back too; a kill after
-        the upsert leaves a stale cache, which the next `_pull` replaces. The head is one JSON document
-        (~100 bytes a chunk: 456 chunks make ~50 KB); Chroma's single-node server sets no document size limit,
-        but an index of a few hundred thousand chunks would want the id list split over several records.
+        the upsert leaves a stale cache, which the next `_pull` replaces. The head is one JSON document, ~46 bytes
+        a chunk (the 456 chunks of corpus/ make 21 KB); one upsert is what makes the commit atomic, so an index
+        of a few hundred thousand chunks (a head of tens of MB, sent whole on every change) would want the id
+        list kept in content-addressed records the head names, still committed by the one head upsert.
         """
         if lease is not None:
             lease.check()
