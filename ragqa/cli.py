@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Known models: list, fetch, locate.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+index_app = typer.Typer(help="Indexes: list those on a Chroma server and on this machine.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 
 # Piped output (CI logs, `| less`) gets wide tables instead of rich's 80-column default.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -53,6 +55,8 @@ ChromaUrlOpt = Annotated[
     str | None,
     typer.Option("--chroma-url", help="Vectors on a Chroma server (`chroma run`), e.g. http://HOST:PORT."),
 ]
+IndexNameOpt = Annotated[str | None, typer.Option(
+    "--index-name", help="The index's name on the Chroma server: attach to it from any machine.")]
 
 
 ChunkSizeOpt = Annotated[int | None, typer.Option("--chunk-size", help="Chunk size in characters.")]
@@ -79,6 +83,7 @@ class AnswerOptions:
     llm_model: LlmModelOpt = None
     api_key_env: ApiKeyEnvOpt = None
     chroma_url: ChromaUrlOpt = None
+    index_name: IndexNameOpt = None
 
     def settings(self, **more: Any) -> Settings:
         """Defaults < ragqa.toml < env < these flags (and the command's own `more`)."""
@@ -268,6 +273,25 @@ def models_path(name: str) -> None:
 
 
 # ---- ingest ------------------------------------------------------------------------------------------
+@index_app.command("list")
+def index_list(
+    chroma_url: ChromaUrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Indexes on the Chroma server (name, chunks, files, embedder, last ingest) and under RAGQA_HOME."""
+    from ragqa.index import list_indexes
+
+    rows = list_indexes(settings_from(chroma_url=chroma_url))
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    table = Table("where", "name", "chunks", "files", "embedder", "last ingest")
+    for r in rows:
+        table.add_row(r["where"], r["name"], str(r["chunks"]), str(r["files"]), r["embedder"] or "-",
+                      r["last_ingest"] or "-")
+    out.print(table)
+
+
 @app.command()
 def ingest(
     paths: Annotated[list[Path] | None, typer.Argument(help="Files or folders; default: the corpus setting.")] = None,
@@ -278,10 +302,11 @@ def ingest(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Drop the index and build it anew.")] = False,
     threads: ThreadsOpt = None,
     chroma_url: ChromaUrlOpt = None,
+    index_name: IndexNameOpt = None,
 ) -> None:
     """Index documents: only new and changed files are embedded; deleted files are dropped."""
     settings = settings_from(index=index, embedder=embedder, chunk_size=chunk_size, chunk_overlap=chunk_overlap,
-                             threads=threads, chroma_url=chroma_url)
+                             threads=threads, chroma_url=chroma_url, index_name=index_name)
     run_ingest(settings, paths or [settings.corpus], rebuild=rebuild)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -101,11 +102,21 @@ class Settings:
     serve_parallel: int = 4
     chroma_url: str | None = None
     chroma_token_env: str | None = None
+    # The index's name on the Chroma server (its collection): another machine given the same URL and name
+    # answers from it with nothing ingested there. Unset: the name kept in the local index directory.
+    index_name: str | None = None
+    # Seconds an ingest's lease on a server index lasts unless renewed: a writer that crashed holds the index
+    # no longer than this, a live one renews it every third of it.
+    lease_seconds: float = 60.0
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def index_dir(self) -> Path:
-        return Path(self.index) if self.index else Path(self.home) / "index"
+        if self.index:
+            return Path(self.index)
+        if self.index_name:  # the local cache of a named server index
+            return Path(self.home) / "indexes" / check_index_name(self.index_name)
+        return Path(self.home) / "index"
 
     @property
     def models_dir(self) -> Path:
@@ -158,6 +169,17 @@ def physical_cores() -> int:
     except OSError:
         pass
     return max(1, len(cores) or len(allowed))
+
+
+_INDEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{1,62}[A-Za-z0-9]")
+
+
+def check_index_name(name: str) -> str:
+    """A name that is both a Chroma collection name and a safe directory name, or one clear line."""
+    if not _INDEX_NAME.fullmatch(name) or "__" in name:
+        raise RagqaError(f"index name {name!r} must be 3-64 letters, digits, '-' or '_' (no '__'), "
+                         "starting and ending with a letter or digit")
+    return name
 
 
 _HINTS = get_type_hints(Settings)

@@ -7,7 +7,13 @@ any point leaves either the old or the new state committed; vectors from the oth
 queries ignore (dense hits are filtered by the live ids) and the next ingest deletes. Readers see a
 snapshot (SQLite WAL), so `ragqa ask` during an ingest reads the old or the new index, never a mix.
 
-BM25 lives beside Chroma in the SQLite file (tokens per chunk), also when vectors live on a Chroma server.
+On a Chroma server (`chroma_url`) the server holds the whole index: the chunk text and its metadata sit with
+the vectors, and a side collection `<name>__state` holds one "head" record (the committed file state, the live
+chunk ids, the settings and a version id) and the writers' lease. The commit point there is the single upsert
+of the head; the local `state.sqlite` is then a cache of the head, with BM25 tokens built from the server's
+chunk text, rebuilt whenever the head's version differs. A second machine with an empty home fills its cache
+from the server and answers from the same passages. Chroma's single-node server has no sparse (BM25) search
+(its Search API and sparse indexes are Chroma Cloud / distributed only), hence the local postings.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import tempfile
 import threading
@@ -31,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ragqa.config import Settings
+from ragqa.config import Settings, check_index_name
 from ragqa.errors import RagqaError, storage_error
 from ragqa.ingest import Chunk, Document, SkipFile, iter_files, load_document, split_document
 
@@ -147,9 +154,16 @@ class Index:
         self._reading = threading.Lock()
         self._bm25: Any = None
         self._bm25_ids: list[str] = []
+        self._sides: dict[str, Any] = {}  # collection name -> its `__state` collection on the server
+        self._pulled = False  # the local cache was compared with the server's head since the last refresh
+        self._server_version: str | None = None  # the head version the loaded chunks are
+        if settings.index_name:
+            check_index_name(settings.index_name)
 
     # ---- state -------------------------------------------------------------------------------------
     def exists(self) -> bool:
+        if self.settings.chroma_url and not self._pulled:
+            self._pull()
         return self.state_path.is_file()
 
     def _connect(self, create: bool = False, shared: bool = False) -> sqlite3.Connection:
@@ -205,6 +219,8 @@ class Index:
         return self._chunks
 
     def _read_chunks(self) -> None:
+        if self.settings.chroma_url and not self._pulled:
+            self._pull()
         if self._watch is None:
             # Kept open (serve's worker threads share it, under `_reading`): `changed` asks it for SQLite's
             # data_version, which moves only for commits made after this connection opened.
@@ -218,6 +234,8 @@ class Index:
                 'SELECT id, source, start, "end", text, heading, start_line, end_line, tokens, page FROM chunks'
             ).fetchall()
             self._generation = self._read_generation(con)
+            row = con.execute("SELECT value FROM meta WHERE key = 'server_version'").fetchone()
+            self._server_version = row[0] if row else None
             con.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             self.close()
@@ -243,6 +261,13 @@ class Index:
     def _changed(self) -> bool:
         if self._chunks is None or self._watch is None:
             return False
+        if self.settings.chroma_url and self._server_version is not None:
+            # A writer on another machine commits on the server only: its head is the one to compare.
+            try:
+                head = self._read_head()
+            except RagqaError:
+                return False  # a lost server: the search that follows says so in one line
+            return head is not None and head.get("version") != self._server_version
         if _inode(self.state_path) != self._watch_inode:
             # `ingest --rebuild` replaced the state and the vector store under this process; an embedded
             # Chroma client keeps the deleted files open (chromadb caches one client per path and process),
@@ -264,6 +289,7 @@ class Index:
         """Forget the loaded chunks and BM25, so the next search reads the committed state."""
         self._chunks = None
         self._bm25 = None
+        self._pulled = False
 
     def close(self) -> None:
         if self._watch is not None:
@@ -303,7 +329,7 @@ class Index:
         built_with = meta.get("embedder")
         if built_with and built_with != self.settings.embedder:
             raise RagqaError(
-                f"index {self.dir} was built with embedder '{built_with}', not '{self.settings.embedder}'; "
+                f"index {self._label()} was built with embedder '{built_with}', not '{self.settings.embedder}'; "
                 f"use --embedder {built_with}, or re-ingest with --rebuild to switch"
             )
         self._check_precision(meta)
@@ -335,12 +361,153 @@ class Index:
         return f"ragqa-{digest}"
 
     def _collection_name(self) -> str:
-        """The collection named in the state: random per index, so indexes of two machines that share a
-        Chroma server (even at the same path) never share a collection, and a moved index keeps its own."""
+        """`index_name` when set (the name other machines attach by), else the collection named in the state:
+        random per index, so indexes of two machines that share a Chroma server (even at the same path) never
+        share a collection, and a moved index keeps its own."""
         if self._collection is None:
-            name = self.meta().get("collection") if self.exists() else None
-            self._collection = name or self._legacy_collection_name()
+            if self.settings.index_name:
+                self._collection = self.settings.index_name
+            else:
+                name = self._local_meta().get("collection")
+                self._collection = name or self._legacy_collection_name()
         return self._collection
+
+    def _label(self) -> str:
+        if self.settings.chroma_url and self.settings.index_name:
+            return f"'{self.settings.index_name}' on {self.settings.chroma_url}"
+        return str(self.dir)
+
+    def _local_meta(self) -> dict[str, str]:
+        """The cached state's meta, without asking the server (empty when there is no local state)."""
+        if not self.state_path.is_file():
+            return {}
+        con = self._connect(create=True)
+        try:
+            return dict(con.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            con.close()
+
+    # ---- the index on a Chroma server ----------------------------------------------------------------
+    def _side(self) -> Any:
+        """The `<collection>__state` collection: the head (commit record) and the writers' lease."""
+        name = self._collection_name()
+        if name not in self._sides:
+            client = self.store._client
+            with self._vector_op("opening the index state on the server"):
+                self._sides[name] = client.get_or_create_collection(f"{name}{STATE_SUFFIX}", embedding_function=None)
+        return self._sides[name]
+
+    def _read_head(self) -> dict[str, Any] | None:
+        with self._vector_op("reading the index head"):
+            got = self._side().get(ids=[HEAD_ID], include=["documents"])
+        return json.loads(got["documents"][0]) if got["ids"] else None
+
+    def _pull(self) -> None:
+        """Make the local state a copy of the server's head, when their versions differ.
+
+        The head is read first, then its chunks by id: if some are gone, a writer committed and collected
+        them meanwhile, so the newer head is read and fetched instead; the cache holds one whole version.
+        """
+        self._pulled = True
+        if not self.settings.index_name and not self.state_path.is_file():
+            return  # nothing names an index on the server
+        for _ in range(5):
+            head = self._read_head()
+            if head is None:
+                return  # none published (a new index, or one from before heads): the local state stands
+            local = self._local_meta()
+            if local.get("server_version") == head["version"] and local.get("collection") == self._collection_name():
+                return
+            rows = self._fetch_chunks(head["chunks"])
+            if rows is not None:
+                self._write_cache(head, rows)
+                return
+            again = self._read_head()
+            if again is not None and again["version"] == head["version"]:
+                raise RagqaError(
+                    f"the Chroma server at {self.settings.chroma_url} lacks chunks of index "
+                    f"{self._collection_name()}'s committed version; run: ragqa ingest --rebuild [PATH]"
+                )
+        raise RagqaError(f"index {self._collection_name()} kept changing while it was read; try again")
+
+    def _fetch_chunks(self, ids: list[str]) -> list[tuple[str, str, dict[str, Any]]] | None:
+        """(id, text, metadata) of every id, or None when some are missing."""
+        collection = self.store._collection
+        rows: list[tuple[str, str, dict[str, Any]]] = []
+        with self._vector_op("reading the index from the server"):
+            for i in range(0, len(ids), 1000):
+                got = collection.get(ids=ids[i : i + 1000], include=["documents", "metadatas"])
+                rows.extend(zip(got["ids"], got["documents"], got["metadatas"], strict=True))
+        return rows if len({r[0] for r in rows}) == len(set(ids)) else None
+
+    def _write_cache(self, head: dict[str, Any], rows: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Replace the local state with the head's, in one transaction (BM25 tokens built here)."""
+        chunks = []
+        for cid, text, m in rows:
+            heading = m.get("heading") or ""
+            chunks.append((cid, m["source"], m["start"], m["end"], heading, m["start_line"], m["end_line"], text,
+                           json.dumps(tokenize(f"{heading}\n{text}"), ensure_ascii=False), m.get("page")))
+        meta = {**head["meta"], "generation": str(head["generation"]), "server_version": head["version"],
+                "collection": self._collection_name()}
+        con = self._connect(create=True)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            for table in ("chunks", "files", "meta"):
+                con.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+            con.executemany("INSERT INTO meta VALUES (?,?)", list(meta.items()))
+            con.executemany("INSERT INTO files VALUES (?,?,?,?)",
+                            [(p, sha, size, n) for p, (sha, size, n) in head["files"].items()])
+            con.executemany(
+                'INSERT INTO chunks(id, source, start, "end", heading, start_line, end_line, text, tokens, page) '
+                "VALUES (?,?,?,?,?,?,?,?,?,?)", chunks)
+            con.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise self._open_error(exc) from None
+        finally:
+            con.close()
+
+    def _publish(self, con: sqlite3.Connection, lease: _Lease | None) -> None:
+        """The commit point on a server: the state `con` is about to commit, as one head upsert.
+
+        Called inside the local transaction, so a failed upsert rolls the local state back too; a kill after
+        the upsert leaves a stale cache, which the next `_pull` replaces. The head is one JSON document, ~46 bytes
+        a chunk (the 456 chunks of corpus/ make 21 KB); one upsert is what makes the commit atomic, so an index
+        of a few hundred thousand chunks (a head of tens of MB, sent whole on every change) would want the id
+        list kept in content-addressed records the head names, still committed by the one head upsert.
+        """
+        if lease is not None:
+            lease.check()
+        version = uuid.uuid4().hex
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('server_version', ?)", (version,))
+        meta = {k: v for k, v in con.execute("SELECT key, value FROM meta")
+                if k not in ("generation", "server_version", "collection")}
+        head = {
+            "version": version,
+            "generation": int(self._read_generation(con) or 0),
+            "meta": meta,
+            "files": {p: [sha, size, n]
+                      for p, sha, size, n in con.execute("SELECT path, sha256, size, n_chunks FROM files")},
+            "chunks": [r[0] for r in con.execute("SELECT id FROM chunks ORDER BY id")],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with self._vector_op("committing the index on the server"):
+            self._side().upsert(ids=[HEAD_ID], documents=[json.dumps(head, ensure_ascii=False)],
+                                embeddings=[[1.0]])
+
+    @contextmanager
+    def _server_lease(self) -> Iterator[_Lease | None]:
+        """One writer per server index, across machines; None where no other machine can know the index."""
+        if not self.settings.chroma_url or (not self.settings.index_name and not self._local_meta().get("collection")):
+            yield None
+            return
+        lease = _Lease(self, self._side(), self.settings.lease_seconds)
+        lease.acquire()
+        try:
+            self._pulled = False
+            self._pull()  # build on the server's latest version, not on this machine's cache of an older one
+            yield lease
+        finally:
+            lease.release()
 
     def _where(self) -> str:
         return self.settings.chroma_url or str(self.dir / "chroma")
@@ -438,7 +605,7 @@ class Index:
         for p in paths:
             if not p.exists():
                 raise RagqaError(f"path {p} does not exist")
-        with self._writer_lock(), _WriteGuard(self, rebuild) as guard:
+        with self._writer_lock(), self._server_lease() as lease, _WriteGuard(self, rebuild) as guard:
             con = self._connect(create=True)
             try:
                 meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
@@ -459,12 +626,17 @@ class Index:
                 same_chunking = all(meta.get(k) == v for k, v in settings_meta.items()) if meta else True
                 settings_meta["embed_precision"] = self.settings.embed_precision  # equal, or stopped above
                 known = {p: s for p, s, _ in con.execute("SELECT path, sha256, n_chunks FROM files")}
+                wanted_name = self.settings.index_name
+                if meta.get("collection") and wanted_name and meta["collection"] != wanted_name:
+                    raise RagqaError(f"index directory {self.dir} holds index '{meta['collection']}', not "
+                                     f"'{wanted_name}'; give another --index or leave --index unset")
                 if meta.get("collection"):
                     self._collection = meta["collection"]
                 else:
                     # Named before any vector is written, so vectors of a crashed first run are not
                     # stranded in a collection no state refers to.
-                    name = self._legacy_collection_name() if known else f"ragqa-{uuid.uuid4().hex[:16]}"
+                    name = wanted_name or (
+                        self._legacy_collection_name() if known else f"ragqa-{uuid.uuid4().hex[:16]}")
                     con.execute("INSERT OR REPLACE INTO meta VALUES ('collection', ?)", (name,))
                     self._collection, self._store = name, None
                 # Listed once: unchanged files whose vectors the store lost (a server reset, a deleted
@@ -559,6 +731,8 @@ class Index:
                 if changed_paths or new_chunks:
                     generation = int(self._read_generation(con) or 0) + 1
                     con.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),))
+                if self.settings.chroma_url and (changed_paths or new_chunks or not meta.get("server_version")):
+                    self._publish(con, lease)
                 con.execute("COMMIT")
                 guard.committed = True
                 for key in (k for k, _, _ in plan):
@@ -628,6 +802,10 @@ class Index:
         self.close()
         self.refresh()
         if self.settings.chroma_url:
+            try:
+                self._side().delete(ids=[HEAD_ID])  # readers elsewhere keep their cache until the new head
+            except Exception:  # noqa: BLE001 - a missing collection (or server) is fine here
+                pass
             try:
                 self.store.delete_collection()
             except Exception:  # noqa: BLE001 - a missing collection (or server) is fine here
@@ -717,6 +895,142 @@ class _WriteGuard:
                 pass  # the original failure is the one worth reporting
         if isinstance(exc, OSError | sqlite3.DatabaseError):
             raise (storage_error(exc, self.index.dir, "ingest") or self.index._open_error(exc)) from None
+
+
+def list_indexes(settings: Settings) -> list[dict[str, Any]]:
+    """The indexes on the Chroma server (`chroma_url`, from their heads) and under the home directory."""
+    rows: list[dict[str, Any]] = []
+    if settings.chroma_url:
+        from chromadb.config import Settings as ChromaSettings
+
+        probe = Index(settings.replace(index_name=None, index=settings.home / ".probe"))  # for its error lines
+        with probe._vector_op("listing collections"):
+            client = _http_client(settings, ChromaSettings(anonymized_telemetry=False))
+            names = sorted(c.name for c in client.list_collections())
+        for side_name in (n for n in names if n.endswith(STATE_SUFFIX)):
+            with probe._vector_op("reading an index head"):
+                got = client.get_collection(side_name).get(ids=[HEAD_ID], include=["documents"])
+            if not got["ids"]:
+                continue  # rebuilt or never committed
+            head = json.loads(got["documents"][0])
+            rows.append({"where": settings.chroma_url, "name": side_name[: -len(STATE_SUFFIX)],
+                         "chunks": len(head["chunks"]), "files": sum(1 for f in head["files"].values() if f[2] >= 0),
+                         "embedder": head["meta"].get("embedder"), "last_ingest": head.get("time")})
+    home = Path(settings.home)
+    for d in [home / "index", *sorted((home / "indexes").glob("*"))]:
+        state = d / "state.sqlite"
+        if not state.is_file():
+            continue
+        try:
+            con = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5)
+            try:
+                meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+                chunks = con.execute("SELECT count(*) FROM chunks").fetchone()[0]
+                files = con.execute("SELECT count(*) FROM files WHERE n_chunks >= 0").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.DatabaseError:
+            continue  # a damaged one: `ragqa ask --index DIR` says what is wrong with it
+        mtime = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.stat().st_mtime))
+        rows.append({"where": str(d), "name": meta.get("collection", "-") if meta.get("server_version") else "-",
+                     "chunks": chunks, "files": files, "embedder": meta.get("embedder"), "last_ingest": mtime})
+    return rows
+
+
+STATE_SUFFIX = "__state"
+HEAD_ID = "head"
+LEASE_ID = "lease"
+LEASE_SETTLE_S = 0.5  # how long a new lease is left before it is read back (Chroma has no compare-and-swap)
+_LIVE_LEASES: set[str] = set()  # owners of the leases this process holds now
+
+
+class _Lease:
+    """The one-writer lease of a server index: a record {owner, expires_at} in the index's state collection.
+
+    Without compare-and-swap, a writer writes its token, waits, reads it back and goes on only if it is still
+    there: of two writers racing, the later write wins and the earlier one sees it. A thread renews the lease
+    every third of its length; the commit checks it is still held (a writer paused past its expiry must not
+    commit over another's work). Expiry uses wall clocks: the machines' clocks should agree (NTP) to well
+    within `lease_seconds`.
+    """
+
+    def __init__(self, index: Index, side: Any, seconds: float) -> None:
+        self.index = index
+        self.side = side
+        self.seconds = max(0.5, seconds)
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.owner = f"{self.host} pid {self.pid} ({uuid.uuid4().hex[:8]})"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict[str, Any] | None:
+        with self.index._vector_op("reading the ingest lease"):
+            got = self.side.get(ids=[LEASE_ID], include=["documents"])
+        return json.loads(got["documents"][0]) if got["ids"] else None
+
+    def _write(self) -> None:
+        record = {"owner": self.owner, "host": self.host, "pid": self.pid, "expires_at": time.time() + self.seconds}
+        with self.index._vector_op("writing the ingest lease"):
+            self.side.upsert(ids=[LEASE_ID], documents=[json.dumps(record)], embeddings=[[1.0]])
+
+    def _busy(self, held: dict[str, Any] | None) -> RagqaError:
+        if not held:
+            return RagqaError(f"another ingest is starting on index {self.index._label()}; try again")
+        until = time.strftime("%H:%M:%S UTC", time.gmtime(held["expires_at"]))
+        return RagqaError(
+            f"another ingest is running on index {self.index._collection_name()} ({held['owner']}); its lease "
+            f"expires at {until} unless renewed; wait for it to finish"
+        )
+
+    def _dead(self, held: dict[str, Any]) -> bool:
+        """A lease this process left and no longer holds: an ingest here that could not release it (its
+        server went away mid-way). Another process's lease waits for its expiry, even on this host: a pid
+        seen from here proves nothing about a writer sharing the hostname in another container."""
+        return held.get("host") == self.host and held.get("pid") == self.pid and held["owner"] not in _LIVE_LEASES
+
+    def acquire(self) -> None:
+        held = self._read()
+        if held and held["owner"] != self.owner and held["expires_at"] > time.time() and not self._dead(held):
+            raise self._busy(held)
+        self._write()
+        time.sleep(LEASE_SETTLE_S)
+        held = self._read()
+        if not held or held["owner"] != self.owner:
+            raise self._busy(held)
+        _LIVE_LEASES.add(self.owner)
+        self._thread = threading.Thread(target=self._renew, name="ragqa-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                held = self._read()
+                if not held or held["owner"] != self.owner:
+                    return  # lost: the commit's check says so
+                self._write()
+            except RagqaError:
+                continue  # a server hiccup: try again at the next tick; the commit's check decides
+
+    def check(self) -> None:
+        held = self._read()
+        if not held or held["owner"] != self.owner or held["expires_at"] <= time.time():
+            raise RagqaError(
+                f"this ingest lost its lease on index {self.index._collection_name()} "
+                f"(now {held['owner'] if held else 'free'}); nothing was committed; run the ingest again"
+            )
+
+    def release(self) -> None:
+        _LIVE_LEASES.discard(self.owner)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            held = self._read()
+            if held and held["owner"] == self.owner:
+                with self.index._vector_op("releasing the ingest lease"):
+                    self.side.delete(ids=[LEASE_ID])
+        except RagqaError:
+            pass  # it expires on its own
 
 
 def _inode(path: Path) -> int | None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -352,3 +354,188 @@ def test_cli_eval_ingest_and_ask_against_a_server(tmp_path: Path, models_dir: Pa
     down = run_cli("ask", "When was the turning point of AI?", "--json", "--model", SMALL_MODEL, *common, env=env,
                    timeout=120)
     assert_one_line_error(down, f"cannot reach the Chroma server at {server.url}")
+
+
+# ---- the whole index on the server: named indexes, other machines, one writer ------------------------------
+def _home(root: Path, url: str, name: str = "team-docs", **more: object) -> Settings:
+    """The settings of one machine: its own (empty) RAGQA_HOME, the shared server and the index's name."""
+    return make_settings(home=root, chroma_url=url, index_name=name, chunk_size=120, chunk_overlap=20, **more)
+
+
+def _hits(idx: Index, embedder, query: str) -> list[dict[str, object]]:
+    from ragqa.retrieve import HybridRetriever
+
+    return [h.as_dict() for h in HybridRetriever(idx, k=4).retrieve(query).hits]
+
+
+@pytest.mark.slow
+def test_a_second_home_answers_from_the_server_alone(tmp_path: Path, chroma: ChromaServer, embedder) -> None:
+    docs = _docs(tmp_path)
+    (docs / "c.md").write_text("# 页面\n\n第二台机器不需要导入任何文件。\n\nNothing is ingested on the second "
+                               "machine.\n", encoding="utf-8")
+    writer = Index(_home(tmp_path / "home-a", chroma.url), embedder=embedder)
+    writer.ingest([docs])
+    assert writer.dir == tmp_path / "home-a" / "indexes" / "team-docs"
+
+    reader = Index(_home(tmp_path / "home-b", chroma.url), embedder=embedder)
+    assert not (tmp_path / "home-b").exists()
+    for query in ("杰文斯悖论是什么？", "How are tokens routed to experts?", "第二台机器"):
+        got = _hits(reader, embedder, query)
+        assert got and got == _hits(writer, embedder, query)  # same passages, offsets, lines, scores
+    assert reader.load_chunks() == writer.load_chunks()
+    assert reader.files() == writer.files()
+    assert reader.bm25_search("第二台机器", 1)[0][0] == writer.bm25_search("第二台机器", 1)[0][0]
+
+    # The embedder check reads the server's record: another machine with another embedder gets one line.
+    other = Index(_home(tmp_path / "home-c", chroma.url, embedder="multilingual-e5-small"))
+    with pytest.raises(RagqaError, match="'team-docs' on .* was built with embedder 'embeddinggemma-300m'"):
+        other.check_embedder()
+
+    # A long-lived reader follows a commit made from the other machine.
+    assert not reader.changed()
+    (docs / "b.md").unlink()
+    writer.ingest([docs])
+    assert reader.changed()
+    reader.refresh()
+    assert {Path(c.source).name for c in reader.load_chunks().values()} == {"a.txt", "c.md"}
+    assert not reader.changed()
+
+
+def test_a_bad_index_name_is_one_line(tmp_path: Path) -> None:
+    proc = run_cli("ask", "问题", "--index-name", "../etc", "--chroma-url", f"http://127.0.0.1:{free_port()}",
+                   env={"RAGQA_HOME": str(tmp_path / "home")})
+    assert_one_line_error(proc, "index name '../etc' must be")
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path: Path, chroma: ChromaServer, embedder) -> None:
+    docs = _docs(tmp_path)
+    first = Index(_home(tmp_path / "home-a", chroma.url, "busy-index", embed_batch_size=1), embedder=embedder)
+    first.ingest([docs / "a.txt"])
+    inside, go_on = threading.Event(), threading.Event()
+
+    def hold(done: int, total: int) -> None:
+        if done:
+            inside.set()
+            go_on.wait(60)
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            first.ingest([docs], progress=Progress(chunks=hold))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert inside.wait(120)
+        second = Index(_home(tmp_path / "home-b", chroma.url, "busy-index"), embedder=embedder)
+        with pytest.raises(RagqaError, match=r"another ingest is running on index busy-index \(.* pid \d+ .*"
+                                             r"lease expires at"):
+            second.ingest([docs])
+    finally:
+        go_on.set()
+        thread.join(120)
+    assert not failure
+    report = Index(_home(tmp_path / "home-b", chroma.url, "busy-index"), embedder=embedder).ingest([docs])
+    assert report.files_unchanged == 2 and report.chunks_embedded == 0  # the first writer's commit is there
+
+
+@pytest.mark.slow
+def test_a_writer_killed_mid_ingest_leaves_the_old_version_and_its_lease_expires(
+        tmp_path: Path, chroma: ChromaServer, embedder, models_dir: Path) -> None:
+    docs = _docs(tmp_path)
+    (docs / "b.md").unlink()
+    name = "killed-writer"
+    Index(_home(tmp_path / "home-a", chroma.url, name), embedder=embedder).ingest([docs])
+    reader = Index(_home(tmp_path / "home-b", chroma.url, name), embedder=embedder)
+    old_chunks = reader.load_chunks()
+    old_hits = _hits(reader, embedder, "杰文斯悖论")
+    collection = chroma.client().get_collection(name)
+    before = collection.count()
+    (docs / "b.md").write_text("# New\n\nA file added later, in English, long enough for chunks. " * 12,
+                               encoding="utf-8")
+
+    env = {"RAGQA_HOME": str(tmp_path / "home-a"), "RAGQA_EMBED_BATCH_SIZE": "1", "RAGQA_LEASE_SECONDS": "4",
+           "RAGQA_MODELS": str(models_dir), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-c", "from ragqa.cli import main; main()", "ingest", str(docs), "--index-name", name,
+           "--chroma-url", chroma.url, "--chunk-size", "120", "--chunk-overlap", "20"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while collection.count() <= before + 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        proc.kill()  # SIGKILL: no cleanup, the lease stays on the server until it expires
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = time.time()
+    assert collection.count() > before  # some new vectors were written, never committed
+    later = Index(_home(tmp_path / "home-b", chroma.url, name), embedder=embedder)
+    with pytest.raises(RagqaError, match="another ingest is running on index killed-writer"):
+        later.ingest([docs])  # the dead writer's lease (4 s) has not expired yet
+    assert time.time() - killed_at < 4
+
+    fresh = Index(_home(tmp_path / "home-c", chroma.url, name), embedder=embedder)
+    assert fresh.load_chunks() == old_chunks  # the old version, whole
+    assert _hits(fresh, embedder, "杰文斯悖论") == old_hits
+    assert not reader.changed()
+
+    time.sleep(max(0.0, killed_at + 4.5 - time.time()))
+    report = later.ingest([docs])
+    assert report.files_added == 1 and report.files_unchanged == 1
+    assert collection.count() == report.chunks_total  # the killed run's orphans were collected
+    assert reader.changed()
+    reader.refresh()
+    assert {Path(c.source).name for c in reader.load_chunks().values()} == {"a.txt", "b.md"}
+
+
+@pytest.mark.slow
+def test_index_list_shows_the_server_and_the_local_indexes(tmp_path: Path, embedder) -> None:
+    docs = _docs(tmp_path)
+    with chroma_server(tmp_path / "db") as server:
+        Index(_home(tmp_path / "home-a", server.url, "listed-one"), embedder=embedder).ingest([docs])
+        Index(make_settings(home=tmp_path / "home-a"), embedder=embedder).ingest([docs / "a.txt"])  # local only
+        proc = run_cli("index", "list", "--chroma-url", server.url, "--json",
+                       env={"RAGQA_HOME": str(tmp_path / "home-a")})
+        assert proc.returncode == 0, proc.stderr
+        rows = {(r["where"], r["name"]): r for r in json.loads(proc.stdout)}
+        on_server = rows[(server.url, "listed-one")]
+        chunks = server.client().get_collection("listed-one").count()
+        assert on_server["chunks"] == chunks and on_server["files"] == 2
+        assert on_server["embedder"] == "embeddinggemma-300m" and on_server["last_ingest"].endswith("Z")
+        cached = rows[(str(tmp_path / "home-a" / "indexes" / "listed-one"), "listed-one")]
+        assert cached["chunks"] == chunks
+        local = rows[(str(tmp_path / "home-a" / "index"), "-")]
+        assert local["files"] == 1 and 0 < local["chunks"] < chunks
+        assert {c.name for c in server.client().list_collections()} == {"listed-one", "listed-one__state"}
+        table = run_cli("index", "list", "--chroma-url", server.url, env={"RAGQA_HOME": str(tmp_path / "home-a")})
+        assert table.returncode == 0 and "listed-one" in table.stdout, table.stderr
+
+
+@pytest.mark.slow
+def test_cli_ask_from_an_empty_home_gives_the_same_answer(tmp_path: Path, models_dir: Path) -> None:
+    """Temperature 0 (the default): the same passages from the server give the same answer on another home."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(ROOT / "corpus" / "000_f5fd2a6a8ad6d922.txt", corpus)
+    question = "文中说人工智能发展的一个转折点发生在什么时候？"
+    with chroma_server(tmp_path / "db") as server:
+        common = ["--chroma-url", server.url, "--index-name", "shared-corpus"]
+        env_a = {"RAGQA_MODELS": str(models_dir), "RAGQA_HOME": str(tmp_path / "home-a")}
+        env_b = {"RAGQA_MODELS": str(models_dir), "RAGQA_HOME": str(tmp_path / "home-b")}
+        ingested = run_cli("ingest", str(corpus), *common, env=env_a)
+        assert ingested.returncode == 0, ingested.stderr
+        answers = []
+        for env in (env_a, env_b):
+            asked = run_cli("ask", question, "--json", "--model", SMALL_MODEL, *common, env=env)
+            assert asked.returncode == 0, asked.stderr
+            answers.append(json.loads(asked.stdout))
+        assert not (tmp_path / "home-b" / "indexes" / "shared-corpus" / "chroma").exists()
+        assert answers[0]["retrieved"] and answers[0]["retrieved"] == answers[1]["retrieved"]
+        assert answers[0]["answer"] and answers[0]["answer"] == answers[1]["answer"]
