@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import socket
 import threading
 import time
@@ -32,9 +31,9 @@ from rich.table import Table
 
 from ragqa.errors import RagqaError
 from ragqa.evals.bench.common import BenchContext, make_table, ratio, rnd, summarize_ms
+from ragqa.evals.metrics import citation_markers
 
 TARGET = "with a model server that batches: throughput with 4+ clients above one lane's, no errors, all well-formed"
-CITE = re.compile(r"\[(\d+)\]")
 REQUEST_TIMEOUT_S = 600.0
 
 
@@ -53,7 +52,7 @@ def well_formed(status: int, body: bytes) -> str | None:
         return "no citations list"
     if not data.get("refused"):
         numbers = {c.get("n") for c in citations if isinstance(c, dict)}
-        bad = sorted({int(n) for n in CITE.findall(answer)} - numbers)
+        bad = sorted(set(citation_markers(answer)) - numbers)
         if bad:
             return f"cites [{bad[0]}] that is not in its citations"
     return None
