@@ -26,7 +26,7 @@ from ragqa.grounding import foreign_tokens, ground
 from ragqa.index import Index
 from ragqa.llm import ChatModel, Message, RefusalGate, load_llm
 from ragqa.retrieve import Hit, HybridRetriever, focus, overlap_grams, sentences
-from ragqa.textnorm import normalize_text
+from ragqa.textnorm import normalize_text, with_english_magnitudes
 
 MAX_QUESTION_CHARS = 2000
 SENTINEL = "NOT_IN_DOCUMENTS"
@@ -140,6 +140,56 @@ def question_language(text: str) -> str:
     cjk = len(_CJK.findall(text))
     latin = len(re.findall(r"[A-Za-z]+", text))
     return "zh" if cjk and cjk >= 2 * latin else "en"  # a Chinese word is ~2 characters
+
+
+# What marks a clause as asking something, in either language.
+_ASKS_ZH = re.compile(r"多少|哪|什么|几|怎么|怎样|如何|为什么|为何|是否|吗|谁|何时|多大|多久|多长|多快")
+_ASKS_EN = re.compile(r"\b(?:what|which|who|whom|whose|when|where|why|how|is|are|was|were|does|did|do|can)\b", re.I)
+_QUESTION_END = re.compile(r"(?<=[？?])\s*")
+_ZH_CLAUSE = re.compile(r"(?<=[，；;])")
+_EN_JOIN = re.compile(r"(?:,\s*|;\s*|\s+)(?=and\s+(?:what|which|who|whom|whose|when|where|why|how)\b)", re.I)
+MAX_PARTS = 4
+
+
+_QUOTED = re.compile(r"“[^”]*”|「[^」]*」|\"[^\"]*\"")
+
+
+def _asks(text: str) -> bool:
+    text = _QUOTED.sub("", text)  # a quoted phrase (“AI 能取代多大比例…”) is named, not asked
+    return bool(_ASKS_ZH.search(text) or _ASKS_EN.search(text))
+
+
+def question_parts(question: str) -> list[str]:
+    """The questions a question asks, when it asks more than one ("…取得了多少 mIoU 分数？基线是多少？",
+    "How often …, and what pace …?"); [] for a question that asks one thing.
+
+    A 1.5B model answers the first of two questions and stops (on the eval's tune part, 2026-12-03, the
+    second number or name was the missing key fact of a third of the wrong answers); named one by one, each
+    part also gets its own retrieval and its own sentences in the prompt. The split is on question marks,
+    then on Chinese commas and English ", and what/how/…" where the clauses on both sides ask something: a
+    clause that asks nothing ("按文中的时间线预测，") stays with the one after it.
+    """
+    pieces: list[str] = []
+    for sentence in _QUESTION_END.split(question.strip()):
+        if not sentence.strip():
+            continue
+        splitter = _EN_JOIN if question_language(sentence) == "en" else _ZH_CLAUSE
+        clauses = [c for c in splitter.split(sentence) if c.strip()]
+        merged: list[str] = []
+        carry = ""
+        for clause in clauses:
+            carry += clause if not carry or question_language(clause) == "zh" else " " + clause.strip()
+            if _asks(carry):
+                merged.append(carry)
+                carry = ""
+        if carry:  # a tail that asks nothing belongs to the clause before it
+            if merged:
+                merged[-1] += carry
+            else:
+                merged.append(carry)
+        pieces.extend(m.strip() for m in merged)
+    parts = [p.rstrip("，,；; ") for p in pieces if _asks(p)]
+    return parts if 2 <= len(parts) <= MAX_PARTS else []
 
 
 def check_question(question: str) -> str:
@@ -333,7 +383,9 @@ def _defang(text: str) -> str:
     return _FENCE.sub("[documents]", text)
 
 
-def format_passages(hits: list[Hit]) -> str:
+def format_passages(hits: list[Hit], english_magnitudes: bool = False) -> str:
+    """The numbered passages as the prompt shows them; `english_magnitudes` gives Chinese counts their English
+    beside them (textnorm.with_english_magnitudes), for a question asked in English."""
     parts = []
     for i, hit in enumerate(hits, start=1):
         c = hit.chunk
@@ -343,14 +395,20 @@ def format_passages(hits: list[Hit]) -> str:
         label = Path(c.source).name + page + (f" · {c.heading}" if c.heading else "") if page else (
             c.heading or Path(c.source).name
         )
-        parts.append(_defang(f"[{i}] ({label})\n{hit.prompt_text}"))
+        text = with_english_magnitudes(hit.prompt_text) if english_magnitudes else hit.prompt_text
+        parts.append(_defang(f"[{i}] ({label})\n{text}"))
     return "<documents>\n" + "\n\n".join(parts) + "\n</documents>"
 
 
-def build_messages(question: str, hits: list[Hit], translated: str | None = None) -> list[Message]:
-    """The answer prompt. Where the question was also put into the documents' language (`translated`), the
-    prompt shows that form beside it: the passages' own words, which a small model matches better than a
-    translation it would have to make itself while answering."""
+PARTS_LINE = {
+    "zh": "（这个问题有 {n} 问，每一问都要回答：{parts}）",
+    "en": "(This question asks {n} things; answer every one: {parts})",
+}
+
+
+def shown_question(question: str, translated: str | None = None, parts: list[str] | None = None) -> str:
+    """The question as the answer prompt shows it: with its form in the documents' language (`translated`)
+    and, for a question that asks several things, its parts numbered (question_parts)."""
     lang = question_language(question)
     shown = question
     if translated:
@@ -359,8 +417,27 @@ def build_messages(question: str, hits: list[Hit], translated: str | None = None
             if lang == "en"
             else f"（问题的另一种语言表述：{translated}）"
         )
-        shown = f"{question}\n{line}"
-    user = USER_PROMPT[lang].format(documents=format_passages(hits), question=shown)
+        shown = f"{shown}\n{line}"
+    if parts:
+        numbered = " ".join(f"{i}. {p}" for i, p in enumerate(parts, start=1))
+        shown = f"{shown}\n{PARTS_LINE[lang].format(n=len(parts), parts=numbered)}"
+    return shown
+
+
+def build_messages(
+    question: str,
+    hits: list[Hit],
+    translated: str | None = None,
+    parts: list[str] | None = None,
+    english_magnitudes: bool = False,
+) -> list[Message]:
+    """The answer prompt. Where the question was also put into the documents' language (`translated`), the
+    prompt shows that form beside it: the passages' own words, which a small model matches better than a
+    translation it would have to make itself while answering. `parts` and `english_magnitudes`: see
+    shown_question and format_passages."""
+    lang = question_language(question)
+    passages = format_passages(hits, english_magnitudes and lang == "en")
+    user = USER_PROMPT[lang].format(documents=passages, question=shown_question(question, translated, parts))
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -672,37 +749,49 @@ class QA:
 
             self._loading = _Background(load_llm, self.settings)
 
-    def passage_budget(self, question: str, n_passages: int, translated: str | None = None) -> Budget:
+    def passage_budget(
+        self, question: str, n_passages: int, translated: str | None = None, parts: list[str] | None = None
+    ) -> Budget:
         """The passage tokens this question's prompt may hold (ragqa/budget.py): from the time target and the
-        model's measured rates where both exist, else `context_tokens`. `question` is what the prompt shows
-        (both forms when translated); `translated` makes the translation call's time count too."""
+        model's measured rates where both exist, else `context_tokens`. The frame is the prompt around the
+        passages as shown (shown_question); `translated` makes the translation call's time count too."""
         llm = self.llm
-        frame = llm.count_tokens(USER_PROMPT[question_language(question)].format(documents="", question=question))
+        shown = shown_question(question, translated, parts)
+        frame = llm.count_tokens(USER_PROMPT[question_language(question)].format(documents="", question=shown))
         if not self.settings.prompt_cache:
             frame += llm.count_tokens(SYSTEM_PROMPT)  # evaluated with every prompt when its state is not kept
         translation = None
         if translated:
-            original = question.removesuffix("\n" + translated)  # `question` is "original\ntranslated" (_ask)
-            asked = TRANSLATE_PROMPT + max(TRANSLATE_USER.values(), key=len).format(question=original)
+            asked = TRANSLATE_PROMPT + max(TRANSLATE_USER.values(), key=len).format(question=question)
             translation = (llm.count_tokens(asked), llm.count_tokens(translated))
         return passage_budget(self.settings, getattr(llm, "rates", None), frame, n_passages, translation)
 
     def fit_hits(
-        self, question: str, hits: list[Hit], vector: list[float] | None = None, translated: str | None = None
+        self,
+        question: str,
+        hits: list[Hit],
+        vector: list[float] | None = None,
+        translated: str | None = None,
+        parts: list[str] | None = None,
     ) -> tuple[list[Hit], Budget | None]:
         """The passages as the model will see them, and the budget they were fitted to: their best sentences
         within the passage budget (see retrieve.focus), and never more than the context window holds,
-        whole: never cut one mid-way. The baseline pipeline has no budget (whole passages)."""
+        whole: never cut one mid-way. Sentences are scored against both forms of the question and against
+        each of its parts (`parts`: both languages' when translated). The baseline pipeline has no budget
+        (whole passages)."""
         llm = self.llm
         budget = None
+        both_forms = f"{question}\n{translated}" if translated else question
         if not self.baseline:
-            budget = self.passage_budget(question, len(hits), translated)
+            shown_parts = [p for p in parts or [] if question_language(p) == question_language(question)]
+            budget = self.passage_budget(question, len(hits), translated, shown_parts)
         if budget is not None and budget.tokens > 0:
             embed = self._embed_sentences if self.settings.focus_embed else None
-            hits = focus(question, hits, budget.tokens, llm.count_tokens, vector, embed,
-                         split_chars=self.settings.focus_split_chars)
+            hits = focus(both_forms, hits, budget.tokens, llm.count_tokens, vector, embed,
+                         split_chars=self.settings.focus_split_chars, parts=parts or ())
         fixed = SYSTEM_PROMPT + max(USER_PROMPT.values(), key=len)
-        room = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + question) - 32
+        shown = shown_question(question, translated, parts)
+        room = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + shown) - 32
         kept: list[Hit] = []
         for hit in hits:
             cost = llm.count_tokens(hit.prompt_text) + 24
@@ -796,7 +885,11 @@ class QA:
         t_translate = time.perf_counter()
         translated = None if retrieval_only else self.translate(standalone)  # retrieval-only runs no model
         translate_ms = (time.perf_counter() - t_translate) * 1000
-        retrieval = self.retriever.retrieve(standalone, k=k or self.settings.k, also=[translated] if translated else [])
+        # A question asking several things: each part, in each form, is searched too (question_parts).
+        shown_parts = question_parts(standalone) if self.settings.question_parts and not self.baseline else []
+        parts = [*shown_parts, *(question_parts(translated) if translated and shown_parts else [])]
+        also = [translated] if translated else []
+        retrieval = self.retriever.retrieve(standalone, k=k or self.settings.k, also=[*also, *parts])
         retrieve_ms = (time.perf_counter() - t0) * 1000 - translate_ms
         hits = retrieval.hits
         timings: dict[str, float | int | None] = {
@@ -813,8 +906,8 @@ class QA:
 
         found = [h.as_dict() for h in hits]
         t_focus = time.perf_counter()
-        both_forms = f"{standalone}\n{translated}" if translated else standalone  # what sentences are scored against
-        hits, budget = self.fit_hits(both_forms, hits, retrieval.vector, translated)
+        both_forms = f"{standalone}\n{translated}" if translated else standalone
+        hits, budget = self.fit_hits(standalone, hits, retrieval.vector, translated, parts)
         timings["focus_ms"] = round((time.perf_counter() - t_focus) * 1000, 1)
         if context_only:
             timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -927,7 +1020,9 @@ class QA:
                 emit(filt.flush())
                 text = "".join(shown)
         messages = (
-            build_baseline_messages(standalone, hits) if self.baseline else build_messages(standalone, hits, translated)
+            build_baseline_messages(standalone, hits) if self.baseline else build_messages(
+                standalone, hits, translated, shown_parts, self.settings.english_magnitudes
+            )
         )
         if text is None:
             text = write(messages, extra)

@@ -52,6 +52,13 @@ class Settings:
     # A question in another language than the documents is also put into theirs by the model (a short
     # call): retrieval searches both forms, focus scores sentences against both, the prompt shows both.
     translate_query: bool = True
+    # A question that asks several things ("…多少？基线是多少？") is also split into its parts
+    # (chain.question_parts): each part adds its own retrieval, focus keeps each part's best sentences, and the
+    # prompt names the parts one by one so the model answers all of them.
+    question_parts: bool = True
+    # Passages shown to an English question carry Chinese counts in English beside them ("467亿 (46.7
+    # billion)"): arithmetic the chain does so the model does not (textnorm.with_english_magnitudes).
+    english_magnitudes: bool = True
     # How the answer is made. "write": the model writes it from the passages. "quote": the model only picks
     # the numbered passage sentences that answer (a choice a small model makes better than it writes), the
     # answer quotes them, and a question in another language than the quotes gets them rendered in its own.

@@ -233,6 +233,7 @@ def focus(
     query_vector: Sequence[float] | None = None,
     embed: Callable[[list[str]], list[list[float]]] | None = None,
     split_chars: int = MAX_UNIT_CHARS,
+    parts: Sequence[str] = (),
 ) -> list[Hit]:
     """Fit the passages' text into `budget` tokens: the best passages whole, then the best sentences of the
     next ones.
@@ -242,8 +243,11 @@ def focus(
     sentences, then their neighbours, while they fit; later passages get what room is left the same way.
     A sentence scores by the share of the question's CJK bigrams and words it holds, plus, when `embed` is
     given, its cosine similarity to the question (cross-lingual, but ~0.1 s per sentence with
-    EmbeddingGemma on 2 cores: too slow for the default). Citation numbers stay per passage; passages left
-    with no sentence are dropped. When everything fits, the hits come back unchanged.
+    EmbeddingGemma on 2 cores: too slow for the default). A question that asks several things (`parts`)
+    scores a sentence by the part it matches best: the sentence holding the second number shares few words
+    with the whole question, and would lose its place to a third sentence about the first. Citation numbers
+    stay per passage; passages left with no sentence are dropped. When everything fits, the hits come back
+    unchanged.
     """
     units: list[_Sentence] = []
     for i, hit in enumerate(hits):
@@ -258,6 +262,7 @@ def focus(
         return list(hits)
 
     wanted = overlap_grams(query)
+    part_grams = [g for g in (overlap_grams(p) for p in parts) if g]
     dense = [0.0] * len(units)
     if embed is not None and query_vector is not None:
         import numpy as np
@@ -266,7 +271,9 @@ def focus(
         vecs = np.asarray(embed([u.text.strip() for u in units]), dtype=np.float32)
         dense = (vecs @ q).tolist()
     for u, d in zip(units, dense, strict=True):
-        u.score = d + (len(wanted & overlap_grams(u.text)) / len(wanted) if wanted else 0.0)
+        grams = overlap_grams(u.text)
+        shares = [len(g & grams) / len(g) for g in ([wanted] if wanted else []) + part_grams]
+        u.score = d + max(shares, default=0.0)
 
     chosen: set[tuple[int, int]] = set()
     used = 0

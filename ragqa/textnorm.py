@@ -139,3 +139,40 @@ def expand_magnitudes(normalized: str) -> str:
     return MAGNITUDE.sub(whole, normalized)
 
 
+
+
+_CN_MAGNITUDE = re.compile(r"(\d+(?:\.\d+)?|[零〇一二两三四五六七八九十百千]+)\s*(万亿|亿|万)(?!分之)")
+_EN_SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (10**3, "thousand"))
+
+
+def english_magnitude(number: str, unit: str) -> str | None:
+    """The English for a Chinese count with 万/亿/万亿 (467 亿 -> "46.7 billion", 3000 亿 -> "300 billion",
+    400 万 -> "4 million"); None for a numeral that is not one number (两三)."""
+    if number[0].isdigit():
+        value_cn: Decimal | int | None = Decimal(number)
+    elif not set(number) & set(_CN_DIGITS):
+        return None  # 千万 and 百万 alone are as often words (千万不要 "by all means do not") as counts
+    else:
+        value_cn = chinese_numeral_value(number)
+    if value_cn is None:
+        return None
+    value = Decimal(value_cn) * _MAGNITUDES[unit]
+    for scale, word in _EN_SCALES:
+        if value >= scale:
+            scaled = (value / scale).quantize(Decimal("0.001")).normalize()
+            return f"{format(scaled, 'f')} {word}"
+    return None
+
+
+def with_english_magnitudes(text: str) -> str:
+    """Chinese counts given their English beside them: "467亿" -> "467亿 (46.7 billion)".
+
+    Asked in English about a Chinese passage, the 1.5B model read 467 亿 as "467 billion" and 15 亿 as
+    "15 billion" (亿 is 10^8, a unit English does not have): the conversion is arithmetic, so the chain does
+    it and the model copies it. Only the prompt's copy of a passage is changed, never the stored text.
+    """
+    def annotate(m: re.Match[str]) -> str:
+        english = english_magnitude(m.group(1), m.group(2))
+        return f"{m.group(0)} ({english})" if english else m.group(0)
+
+    return _CN_MAGNITUDE.sub(annotate, text)
