@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 
 from ragqa.index import Index
 from ragqa.ingest import Chunk
@@ -210,6 +211,7 @@ class _Sentence:
     text: str
     tokens: int
     score: float = 0.0
+    part_scores: list[float] = field(default_factory=list)  # one per question part
 
 
 _CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]+")
@@ -243,9 +245,9 @@ def focus(
     sentences, then their neighbours, while they fit; later passages get what room is left the same way.
     A sentence scores by the share of the question's CJK bigrams and words it holds, plus, when `embed` is
     given, its cosine similarity to the question (cross-lingual, but ~0.1 s per sentence with
-    EmbeddingGemma on 2 cores: too slow for the default). A question that asks several things (`parts`)
-    scores a sentence by the part it matches best: the sentence holding the second number shares few words
-    with the whole question, and would lose its place to a third sentence about the first. Citation numbers
+    EmbeddingGemma on 2 cores: too slow for the default). For a question that asks several things (`parts`),
+    a cut passage gives each part its best sentence in turn before the rest: the sentence holding the second
+    number shares few words with the whole question, and lost its place to more about the first. Citation numbers
     stay per passage; passages left with no sentence are dropped. When everything fits, the hits come back
     unchanged.
     """
@@ -272,8 +274,8 @@ def focus(
         dense = (vecs @ q).tolist()
     for u, d in zip(units, dense, strict=True):
         grams = overlap_grams(u.text)
-        shares = [len(g & grams) / len(g) for g in ([wanted] if wanted else []) + part_grams]
-        u.score = d + max(shares, default=0.0)
+        u.score = d + (len(wanted & grams) / len(wanted) if wanted else 0.0)
+        u.part_scores = [len(g & grams) / len(g) for g in part_grams]
 
     chosen: set[tuple[int, int]] = set()
     used = 0
@@ -295,7 +297,12 @@ def focus(
                 take(u)
             continue
         by_pos = {u.pos: u for u in own}
-        for u in sorted(own, key=lambda u: -u.score):  # ties (no overlap at all) keep the passage's order
+        order = sorted(own, key=lambda u: -u.score)  # ties (no overlap at all) keep the passage's order
+        if part_grams:  # each part's best sentence first, in turn, then the rest by the whole question
+            per_part = [sorted((u for u in own if u.part_scores[j] > 0), key=lambda u: -u.part_scores[j])
+                        for j in range(len(part_grams))]
+            order = [u for turn in zip_longest(*per_part) for u in turn if u is not None] + order
+        for u in order:
             if take(u):
                 for near in (by_pos.get(u.pos - 1), by_pos.get(u.pos + 1)):
                     if near is not None:

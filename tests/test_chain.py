@@ -560,3 +560,72 @@ def test_an_unknown_answer_mode_is_one_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(RagqaError, match="unknown answer_mode 'guess'"):
         QA(make_settings(index=tmp_path / "idx", answer_mode="guess"))
+
+
+@pytest.mark.parametrize(
+    ("question", "parts"),
+    [
+        ("OLA-VLM 在分割任务中取得了多少 mIoU 分数？基线是多少？",
+         ["OLA-VLM 在分割任务中取得了多少 mIoU 分数？", "基线是多少？"]),
+        ("按文中的时间线预测，医疗大约在哪个时期？到那时律师行业里哪些工作会被自动化？",
+         ["按文中的时间线预测，医疗大约在哪个时期？", "到那时律师行业里哪些工作会被自动化？"]),
+        ("MoE 是什么，有什么优点？", ["MoE 是什么", "有什么优点？"]),
+        ("How quickly did ChatGPT reach 1 million users, and whose record did it break?",
+         ["How quickly did ChatGPT reach 1 million users", "and whose record did it break?"]),
+        ("For Mixtral, what is the total parameter count and how many are used per token?",
+         ["For Mixtral, what is the total parameter count", "and how many are used per token?"]),
+        ("什么是杰文斯悖论？", []),
+        ("张奇举例说，如果只用上海的考题训练，分数可能从多少降到多少？", []),  # two numbers, one question
+        ("What is the Jevons paradox, and why does it matter to energy use in data centres today?",
+         ["What is the Jevons paradox", "and why does it matter to energy use in data centres today?"]),
+        ("Sam Altman 常用“AI 能取代多大比例的工作”来界定 AGI，这个比例是多少？", []),  # a quoted phrase asks nothing
+        ("Summarize the chapter's view of scaling, and the risks it names.", []),  # one ask, two objects
+    ],
+)
+def test_question_parts(question: str, parts: list[str]) -> None:
+    from ragqa.chain import question_parts
+
+    assert question_parts(question) == parts
+
+
+def test_the_prompt_names_each_part_of_a_question_in_its_language() -> None:
+    from ragqa.chain import shown_question
+
+    zh = shown_question("多少？基线是多少？", parts=["多少？", "基线是多少？"])
+    assert zh.endswith("（这个问题有 2 问，每一问都要回答：1. 多少？ 2. 基线是多少？）")
+    en = shown_question("What A, and what B?", "甲是什么，乙是什么？", ["What A", "and what B?"])
+    assert en.splitlines() == ["What A, and what B?", "(The question in the documents' language: 甲是什么，乙是什么？)",
+                               "(This question asks 2 things; answer every one: 1. What A 2. and what B?)"]
+    assert shown_question("什么是杰文斯悖论？") == "什么是杰文斯悖论？"
+
+
+def test_english_questions_see_chinese_counts_in_english_and_chinese_ones_do_not() -> None:
+    hits = _hits("Mixtral 总参数量约为467亿，实际使用约129亿。")
+    en = build_messages("How many parameters?", hits, english_magnitudes=True)[1]["content"]
+    assert "467亿 (46.7 billion)" in en and "129亿 (12.9 billion)" in en
+    zh = build_messages("有多少参数？", hits, english_magnitudes=True)[1]["content"]
+    assert "billion" not in zh
+    assert "billion" not in build_messages("How many parameters?", hits)[1]["content"]
+    assert hits[0].prompt_text == "Mixtral 总参数量约为467亿，实际使用约129亿。"  # the passage itself unchanged
+
+
+def test_a_question_in_parts_retrieves_each_part_and_the_prompt_names_them() -> None:
+    """Every part is one more query in the fusion, and the answer prompt lists the parts; a one-part question
+    adds nothing (its retrieval and prompt are as before)."""
+    from ragqa.retrieve import Retrieval
+
+    calls: list[list[str]] = []
+    hits = _hits("OLA-VLM 在分割任务中实现了 45.4% 的 mIoU 分数（与 39.3% 的基线相比）。")
+
+    def retrieve(query: str, k: int | None = None, also: tuple = ()) -> Retrieval:
+        calls.append([query, *also])
+        return Retrieval(hits, 0.0, 0.0)
+
+    llm = ScriptedLLM([["45.4%，基线 39.3% [1]。"], ["45.4% [1]。"]])
+    qa = _qa_over(ZH_DOCS, llm, translate_query=False, ttft_target_s="none", context_tokens=0)
+    qa.retriever = SimpleNamespace(retrieve=retrieve)
+    answer = qa.ask("OLA-VLM 的 mIoU 分数是多少？基线是多少？")
+    assert calls[0] == ["OLA-VLM 的 mIoU 分数是多少？基线是多少？", "OLA-VLM 的 mIoU 分数是多少？", "基线是多少？"]
+    assert "这个问题有 2 问" in llm.seen[0][1]["content"] and "39.3" in answer.answer
+    qa.ask("OLA-VLM 的 mIoU 分数是多少？")
+    assert calls[1] == ["OLA-VLM 的 mIoU 分数是多少？"] and "这个问题有" not in llm.seen[1][1]["content"]

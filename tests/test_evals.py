@@ -1029,3 +1029,23 @@ def test_grounding_agreement_counts_answered_answerable_questions_only() -> None
     out = aggregate(scores)
     assert out["counts"]["grounding_agreement"] == [2, 5] and out["grounding_agreement"] == pytest.approx(0.4)
     assert out["counts"]["faithfulness"] == [4, 6]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("总参数量约为467亿", "总参数量约为467亿 (46.7 billion)"),
+        ("GPT-2（15 亿参数）", "GPT-2（15 亿 (1.5 billion)参数）"),
+        ("3000 亿然后只有 80 亿", "3000 亿 (300 billion)然后只有 80 亿 (8 billion)"),
+        ("400 万条", "400 万 (4 million)条"),
+        ("五千亿参数", "五千亿 (500 billion)参数"),
+        ("1.5万亿", "1.5万亿 (1.5 trillion)"),
+        ("两三个亿", "两三个亿"),  # a range, not one number
+        ("千万不要", "千万不要"),  # a word
+        ("十万分之一", "十万分之一"),  # a fraction
+    ],
+)
+def test_chinese_counts_get_their_english(text: str, shown: str) -> None:
+    from ragqa.textnorm import with_english_magnitudes
+
+    assert with_english_magnitudes(text) == shown

@@ -191,3 +191,17 @@ def test_the_translated_form_of_a_question_joins_the_fusion(small_qa) -> None:
     assert "杰文斯" in both.hits[0].chunk.text and both.hits[0].bm25_rank is not None
     assert sum("杰文斯" in h.chunk.text for h in both.hits) >= sum("杰文斯" in h.chunk.text for h in alone.hits)
 
+
+
+def test_focus_keeps_the_sentence_answering_a_second_part() -> None:
+    """Scored against the whole question, the sentence with the baseline loses its place to one more about
+    the first part; each part's best sentence first, it is kept."""
+    text = "OLA-VLM 在分割任务中的 mIoU 分数很高。这是背景。OLA-VLM 的 mIoU 分数领先。这是背景。基线为 39.3%。"
+    hits = [_hit(0, text)]
+    question = "OLA-VLM 在分割任务中取得了多少 mIoU 分数？基线是多少？"
+    whole = focus(question, hits, budget=52, count_tokens=len)[0].prompt_text
+    parts = ["OLA-VLM 在分割任务中取得了多少 mIoU 分数？", "基线是多少？"]
+    parted = focus(question, hits, budget=52, count_tokens=len, parts=parts)[0].prompt_text
+    assert "39.3" not in whole and "领先" in whole
+    assert "39.3" in parted and "很高" in parted
+    assert focus(question, hits, budget=52, count_tokens=len, parts=["Which baseline?"])[0].prompt_text == whole
