@@ -56,8 +56,8 @@ class Settings:
     # (chain.question_parts): each part adds its own retrieval, focus keeps each part's best sentences, and the
     # prompt names the parts one by one so the model answers all of them.
     question_parts: bool = True
-    # Passages shown to an English question carry Chinese counts in English beside them ("467亿 (46.7
-    # billion)"): arithmetic the chain does so the model does not (textnorm.with_english_magnitudes).
+    # Passages shown to an English question have Chinese counts written in English ("467亿" as "46.7
+    # billion"): arithmetic the chain does so the model does not (textnorm.with_english_magnitudes).
     english_magnitudes: bool = True
     # How the answer is made. "write": the model writes it from the passages. "quote": the model only picks
     # the numbered passage sentences that answer (a choice a small model makes better than it writes), the

@@ -53,9 +53,10 @@ class Hit:
 
 
 def rrf_fuse(
-    lists: dict[str, list[tuple[str, float]]], k: int, rrf_k: int = 60
+    lists: dict[str, list[tuple[str, float]]], k: int, rrf_k: int = 60, weights: dict[str, float] | None = None
 ) -> list[tuple[str, float, dict[str, tuple[int, float]]]]:
-    """Fuse ranked lists: score(d) = sum over lists of 1 / (rrf_k + rank(d)), ranks from 1.
+    """Fuse ranked lists: score(d) = sum over lists of weight / (rrf_k + rank(d)), ranks from 1, weight 1
+    unless `weights` names the list.
 
     Returns (id, fused score, {list name: (rank, original score)}) for the top k. Exact ties are common
     (dense's first and BM25's first both score 1/(rrf_k + 1)); they go to the better single rank, then to
@@ -67,7 +68,7 @@ def rrf_fuse(
     best: dict[str, tuple[int, int]] = {}  # (rank, list position): one document per pair, so no tie is left
     for position, (name, ranked) in enumerate(lists.items()):
         for rank, (doc_id, score) in enumerate(ranked, start=1):
-            fused[doc_id] = fused.get(doc_id, 0.0) + 1.0 / (rrf_k + rank)
+            fused[doc_id] = fused.get(doc_id, 0.0) + (weights or {}).get(name, 1.0) / (rrf_k + rank)
             detail.setdefault(doc_id, {})[name] = (rank, score)
             best[doc_id] = min(best.get(doc_id, (rank, position)), (rank, position))
     order = sorted(fused, key=lambda d: (-fused[d], best[d]))[:k]
@@ -118,11 +119,20 @@ class HybridRetriever:
         self.rrf_k = rrf_k
         self.mode = mode  # "hybrid", "dense" or "bm25": the last two exist to measure what fusion buys
 
-    def retrieve(self, query: str, k: int | None = None, also: Sequence[str] = ()) -> Retrieval:
+    def retrieve(
+        self, query: str, k: int | None = None, also: Sequence[str] = (), parts: Sequence[str] = ()
+    ) -> Retrieval:
         """Top k for `query`; each form in `also` (the question put into the documents' language) adds its
-        own dense and BM25 lists to the fusion, after the original's, so ties still go to the original."""
+        own dense and BM25 lists to the fusion, after the original's, so ties still go to the original.
+        `parts` (the questions a question asks, chain.question_parts) add theirs too, all of them together
+        weighing as one form: at full weight each, on the eval's tune part (2026-12-03) they pushed the
+        passage answering the whole question down to where the prompt budget cut it."""
         k = k or self.k
         also = [a for a in dict.fromkeys(also) if a and a != query]
+        parts = [p for p in dict.fromkeys(parts) if p and p != query and p not in also]
+        weights = {f"{kind}.{i}": 1.0 / len(parts) for kind in ("dense", "bm25")
+                   for i in range(len(also) + 1, len(also) + len(parts) + 1)}
+        also = [*also, *parts]
         if self.index.changed():  # a long-lived process (chat, serve) answers from what is committed now
             self.index.refresh()
         self.index.load_chunks()  # the first call reads them: not a cost of this query's search
@@ -149,7 +159,7 @@ class HybridRetriever:
                 if self.mode in ("hybrid", "bm25"):
                     lists[f"bm25.{i}"] = self.index.bm25_search(form, self.fetch_k)
             break
-        fused = distinct_texts(rrf_fuse(lists, 2 * self.fetch_k, self.rrf_k), chunks, k)
+        fused = distinct_texts(rrf_fuse(lists, 2 * self.fetch_k, self.rrf_k, weights), chunks, k)
         t2 = time.perf_counter()
         hits = []
         for doc_id, score, detail in fused:

@@ -165,14 +165,15 @@ def english_magnitude(number: str, unit: str) -> str | None:
 
 
 def with_english_magnitudes(text: str) -> str:
-    """Chinese counts given their English beside them: "467亿" -> "467亿 (46.7 billion)".
+    """Chinese counts written in English: "467亿" -> "46.7 billion".
 
     Asked in English about a Chinese passage, the 1.5B model read 467 亿 as "467 billion" and 15 亿 as
-    "15 billion" (亿 is 10^8, a unit English does not have): the conversion is arithmetic, so the chain does
-    it and the model copies it. Only the prompt's copy of a passage is changed, never the stored text.
+    "15 billion" (亿 is 10^8, a unit English does not have); shown both forms ("467亿 (46.7 billion)") it
+    wrote both. The conversion is arithmetic, so the chain does it and the model copies it. Only the
+    prompt's copy of a passage is changed, never the stored text; the grounding check reads either form as
+    one number (expand_magnitudes).
     """
-    def annotate(m: re.Match[str]) -> str:
-        english = english_magnitude(m.group(1), m.group(2))
-        return f"{m.group(0)} ({english})" if english else m.group(0)
+    def english(m: re.Match[str]) -> str:
+        return english_magnitude(m.group(1), m.group(2)) or m.group(0)
 
-    return _CN_MAGNITUDE.sub(annotate, text)
+    return _CN_MAGNITUDE.sub(english, text)

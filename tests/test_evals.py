@@ -1034,12 +1034,12 @@ def test_grounding_agreement_counts_answered_answerable_questions_only() -> None
 @pytest.mark.parametrize(
     ("text", "shown"),
     [
-        ("总参数量约为467亿", "总参数量约为467亿 (46.7 billion)"),
-        ("GPT-2（15 亿参数）", "GPT-2（15 亿 (1.5 billion)参数）"),
-        ("3000 亿然后只有 80 亿", "3000 亿 (300 billion)然后只有 80 亿 (8 billion)"),
-        ("400 万条", "400 万 (4 million)条"),
-        ("五千亿参数", "五千亿 (500 billion)参数"),
-        ("1.5万亿", "1.5万亿 (1.5 trillion)"),
+        ("总参数量约为467亿", "总参数量约为46.7 billion"),
+        ("GPT-2（15 亿参数）", "GPT-2（1.5 billion参数）"),
+        ("3000 亿然后只有 80 亿", "300 billion然后只有 8 billion"),
+        ("400 万条", "4 million条"),
+        ("五千亿参数", "500 billion参数"),
+        ("1.5万亿", "1.5 trillion"),
         ("两三个亿", "两三个亿"),  # a range, not one number
         ("千万不要", "千万不要"),  # a word
         ("十万分之一", "十万分之一"),  # a fraction
