@@ -148,10 +148,8 @@ _ASKS_EN = re.compile(r"\b(?:what|which|who|whom|whose|when|where|why|how|is|are
 _QUESTION_END = re.compile(r"(?<=[？?])\s*")
 _ZH_CLAUSE = re.compile(r"(?<=[，；;])")
 _EN_JOIN = re.compile(r"(?:,\s*|;\s*|\s+)(?=and\s+(?:what|which|who|whom|whose|when|where|why|how)\b)", re.I)
-MAX_PARTS = 4
-
-
 _QUOTED = re.compile(r"“[^”]*”|「[^」]*」|\"[^\"]*\"")
+MAX_PARTS = 4
 
 
 def _asks(text: str) -> bool:
@@ -164,7 +162,7 @@ def question_parts(question: str) -> list[str]:
     "How often …, and what pace …?"); [] for a question that asks one thing.
 
     A 1.5B model answers the first of two questions and stops (on the eval's tune part, 2026-12-03, the
-    second number or name was the missing key fact of a third of the wrong answers); named one by one, each
+    second number or name was the missing key fact of about a quarter of the wrong answers); named one by one, each
     part also gets its own retrieval and its own sentences in the prompt. The split is on question marks,
     then on Chinese commas and English ", and what/how/…" where the clauses on both sides ask something: a
     clause that asks nothing ("按文中的时间线预测，") stays with the one after it.

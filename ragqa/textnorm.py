@@ -139,8 +139,6 @@ def expand_magnitudes(normalized: str) -> str:
     return MAGNITUDE.sub(whole, normalized)
 
 
-
-
 _CN_MAGNITUDE = re.compile(r"(\d+(?:\.\d+)?|[零〇一二两三四五六七八九十百千]+)\s*(万亿|亿|万)(?!分之)")
 _EN_SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (10**3, "thousand"))
 

@@ -20,6 +20,11 @@ def test_rrf_fuse_orders_by_summed_reciprocal_ranks() -> None:
     for first, second in (("a", "b"), ("b", "a")):
         tied = rrf_fuse({"dense": [(first, 0.5), ("c", 0.4)], "bm25": [(second, 9.0), ("d", 1.0)]}, k=4)
         assert [d for d, _, _ in tied] == [first, second, "c", "d"]
+    # A list's weight scales its votes: two half-weight lists (a question's two parts) count as one.
+    lists = {"dense": [("a", 0.9), ("b", 0.8)], "dense.1": [("b", 0.9)], "dense.2": [("b", 0.9)]}
+    assert [d for d, _, _ in rrf_fuse(lists, k=2)] == ["b", "a"]
+    halves = rrf_fuse(lists, k=2, weights={"dense.1": 0.5, "dense.2": 0.5})
+    assert dict((d, s) for d, s, _ in halves)["b"] == pytest.approx(1 / 62 + 1 / 61)
 
 
 @pytest.mark.slow
