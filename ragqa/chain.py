@@ -775,24 +775,24 @@ class QA:
         vector: list[float] | None = None,
         translated: str | None = None,
         parts: list[str] | None = None,
+        shown_parts: list[str] | None = None,
     ) -> tuple[list[Hit], Budget | None]:
         """The passages as the model will see them, and the budget they were fitted to: their best sentences
         within the passage budget (see retrieve.focus), and never more than the context window holds,
         whole: never cut one mid-way. Sentences are scored against both forms of the question and against
-        each of its parts (`parts`: both languages' when translated). The baseline pipeline has no budget
-        (whole passages)."""
+        each of its parts (`parts`: both languages' when translated); the prompt around them names
+        `shown_parts`. The baseline pipeline has no budget (whole passages)."""
         llm = self.llm
         budget = None
         both_forms = f"{question}\n{translated}" if translated else question
         if not self.baseline:
-            shown_parts = [p for p in parts or [] if question_language(p) == question_language(question)]
             budget = self.passage_budget(question, len(hits), translated, shown_parts)
         if budget is not None and budget.tokens > 0:
             embed = self._embed_sentences if self.settings.focus_embed else None
             hits = focus(both_forms, hits, budget.tokens, llm.count_tokens, vector, embed,
                          split_chars=self.settings.focus_split_chars, parts=parts or ())
         fixed = SYSTEM_PROMPT + max(USER_PROMPT.values(), key=len)
-        shown = shown_question(question, translated, parts)
+        shown = shown_question(question, translated, shown_parts)
         room = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + shown) - 32
         kept: list[Hit] = []
         for hit in hits:
@@ -909,7 +909,7 @@ class QA:
         found = [h.as_dict() for h in hits]
         t_focus = time.perf_counter()
         both_forms = f"{standalone}\n{translated}" if translated else standalone
-        hits, budget = self.fit_hits(standalone, hits, retrieval.vector, translated, parts)
+        hits, budget = self.fit_hits(standalone, hits, retrieval.vector, translated, parts, shown_parts)
         timings["focus_ms"] = round((time.perf_counter() - t_focus) * 1000, 1)
         if context_only:
             timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)

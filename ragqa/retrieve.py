@@ -130,8 +130,7 @@ class HybridRetriever:
         k = k or self.k
         also = [a for a in dict.fromkeys(also) if a and a != query]
         parts = [p for p in dict.fromkeys(parts) if p and p != query and p not in also]
-        weights = {f"{kind}.{i}": 1.0 / len(parts) for kind in ("dense", "bm25")
-                   for i in range(len(also) + 1, len(also) + len(parts) + 1)}
+        form_weights = [1.0] * len(also) + [1.0 / len(parts)] * len(parts)
         also = [*also, *parts]
         if self.index.changed():  # a long-lived process (chat, serve) answers from what is committed now
             self.index.refresh()
@@ -144,6 +143,7 @@ class HybridRetriever:
         for attempt in range(3):
             chunks = self.index.load_chunks()
             lists: dict[str, list[tuple[str, float]]] = {}
+            weights: dict[str, float] = {}
             if vector is not None:
                 lists["dense"] = self.index.dense_search(vector, self.fetch_k)
                 # Too few live vectors: an ingest committed after the chunks were read and is deleting the
@@ -153,11 +153,13 @@ class HybridRetriever:
                     continue
             if self.mode in ("hybrid", "bm25"):
                 lists["bm25"] = self.index.bm25_search(query, self.fetch_k)
-            for i, form in enumerate(also, start=1):
+            for i, (form, weight) in enumerate(zip(also, form_weights, strict=True), start=1):
                 if also_vectors:
                     lists[f"dense.{i}"] = self.index.dense_search(also_vectors[i - 1], self.fetch_k)
+                    weights[f"dense.{i}"] = weight
                 if self.mode in ("hybrid", "bm25"):
                     lists[f"bm25.{i}"] = self.index.bm25_search(form, self.fetch_k)
+                    weights[f"bm25.{i}"] = weight
             break
         fused = distinct_texts(rrf_fuse(lists, 2 * self.fetch_k, self.rrf_k, weights), chunks, k)
         t2 = time.perf_counter()
