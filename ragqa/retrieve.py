@@ -130,7 +130,7 @@ class HybridRetriever:
         k = k or self.k
         also = [a for a in dict.fromkeys(also) if a and a != query]
         parts = [p for p in dict.fromkeys(parts) if p and p != query and p not in also]
-        form_weights = [1.0] * len(also) + [1.0 / len(parts)] * len(parts)
+        form_weights = [1.0] * len(also) + [1.0 / len(parts) for _ in parts]  # no part: no division
         also = [*also, *parts]
         if self.index.changed():  # a long-lived process (chat, serve) answers from what is committed now
             self.index.refresh()

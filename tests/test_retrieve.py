@@ -27,6 +27,39 @@ def test_rrf_fuse_orders_by_summed_reciprocal_ranks() -> None:
     assert dict((d, s) for d, s, _ in halves)["b"] == pytest.approx(1 / 62 + 1 / 61)
 
 
+class _ListIndex:
+    """Logic-only index stand-in: every search returns the same ranked ids, whatever the query."""
+
+    def __init__(self, ranked: list[str]) -> None:
+        self.chunks = {i: Chunk(i, "f.txt", 0, 1, i, "", 1, 1) for i in ranked}
+        self.ranked = [(i, 1.0 / (n + 1)) for n, i in enumerate(ranked)]
+        self.embedder = type("E", (), {"embed_query": staticmethod(lambda q: [0.0])})()
+
+    def changed(self) -> bool:
+        return False
+
+    def load_chunks(self) -> dict:
+        return self.chunks
+
+    def dense_search(self, vector, k: int) -> list:
+        return self.ranked[:k]
+
+    def bm25_search(self, query: str, k: int) -> list:
+        return self.ranked[:k]
+
+
+def test_retrieval_weighs_each_form_once_and_the_parts_together_as_one() -> None:
+    """A question with no parts (the common case) fuses its own and its translation's lists at full weight;
+    parts add lists that together weigh one form."""
+    retriever = HybridRetriever(_ListIndex(["a", "b", "c"]), k=2, fetch_k=3)
+    alone = retriever.retrieve("q")
+    assert [h.chunk.id for h in alone.hits] == ["a", "b"] and alone.hits[0].score == pytest.approx(2 / 61)
+    translated = retriever.retrieve("q", also=["问"])
+    assert translated.hits[0].score == pytest.approx(4 / 61)
+    parted = retriever.retrieve("q", also=["问"], parts=["p1", "p2"])
+    assert parted.hits[0].score == pytest.approx(6 / 61)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("question", "quote", "file"),
