@@ -130,6 +130,14 @@ FIX_PROMPT = {
           "“{sentence}” [{n}]\nAnswer the question again, using only facts written in the documents, with "
           "numbers and names exactly as written there, and cite the document numbers.",
 }
+# cross_lingual_answer "translate": the answer written in the passages' language, put into the question's.
+ANSWER_TRANSLATE_PROMPT = {
+    "en": "Translate this answer into English. Keep every number, name and citation mark such as [1] exactly as "
+          "written. Output only the translation.\n\nQuestion: {question}\nAnswer: {answer}\nTranslation:",
+    "zh": "把下面的回答翻译成简体中文。数字、名称和引用标记（例如 [1]）照原样保留。只输出译文。\n\n"
+          "问题：{question}\n回答：{answer}\n译文：",
+}
+CROSS_LINGUAL_ANSWERS = ("direct", "translate")
 RECHECKED_LABEL = {"zh": "（核对资料后重写）", "en": "(rewritten after checking the documents)"}
 # Named after an answer whose second try still states a number or name that stands in no passage.
 UNSURE_NOTE = {"zh": "\n（资料中找不到：{tokens}）", "en": "\n(not found in the documents: {tokens})"}
@@ -538,6 +546,23 @@ def first_line(stream: Iterator[str]) -> str:
     return text.strip()
 
 
+def drain(stream: Iterator[str]) -> str:
+    """A reply read whole and not shown (the draft that `cross_lingual_answer = "translate"` then translates):
+    stopped where it starts to repeat the prompt (EchoGuard) or after the refusal sentinel."""
+    echo = EchoGuard()
+    text = ""
+    try:
+        for piece in stream:
+            text += echo.feed(piece)
+            if echo.stopped or text.lstrip().startswith(SENTINEL):
+                break
+    finally:
+        close = getattr(stream, "close", None)
+        if close:
+            close()
+    return (text + echo.flush()).strip()
+
+
 def looks_like_translation(text: str, question: str, target: str) -> bool:
     """A small model sometimes answers, explains or echoes instead of translating: keep only a line in the
     target language of about the question's length."""
@@ -709,6 +734,8 @@ class QA:
             raise RagqaError(f"unknown pipeline '{settings.pipeline}' (ragqa or baseline)")
         if settings.answer_mode not in ("write", "quote"):
             raise RagqaError(f"unknown answer_mode '{settings.answer_mode}' (write or quote)")
+        if settings.cross_lingual_answer not in CROSS_LINGUAL_ANSWERS:
+            raise RagqaError(f"unknown cross_lingual_answer '{settings.cross_lingual_answer}' (direct or translate)")
         self.settings = settings
         self.index = index or Index(settings)
         self._llm = llm
@@ -790,7 +817,8 @@ class QA:
         if budget is not None and budget.tokens > 0:
             embed = self._embed_sentences if self.settings.focus_embed else None
             hits = focus(both_forms, hits, budget.tokens, llm.count_tokens, vector, embed,
-                         split_chars=self.settings.focus_split_chars, parts=parts or ())
+                         split_chars=self.settings.focus_split_chars, parts=parts or (),
+                         spread=self.settings.focus_spread)
         fixed = SYSTEM_PROMPT + max(USER_PROMPT.values(), key=len)
         shown = shown_question(question, translated, shown_parts)
         room = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + shown) - 32
@@ -1026,6 +1054,21 @@ class QA:
                 standalone, hits, translated, shown_parts, self.settings.english_magnitudes
             )
         )
+        if text is None and translated and self.settings.cross_lingual_answer == "translate" and not self.baseline:
+            # Written in the passages' language to the question put into it (no translating while reading),
+            # then translated; the user's first token waits for the whole draft.
+            draft = drain(self.llm.stream(build_messages(translated, hits, None, question_parts(translated) or None),
+                                          max_tokens=self.settings.max_tokens, **extra))
+            spent()
+            if draft.startswith("NOT_IN"):
+                text = draft
+                timings["ttft_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            elif has_words(draft):  # else (citation marks alone) the answer is written directly, below
+                if lang == "en" and self.settings.english_magnitudes:
+                    draft = with_english_magnitudes(draft)  # 467亿 reaches the translator as "46.7 billion"
+                render = ANSWER_TRANSLATE_PROMPT[lang].format(question=standalone, answer=draft)
+                messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": render}]
+                text = write(messages, {})
         if text is None:
             text = write(messages, extra)
         answer = "".join(shown).strip()

@@ -63,10 +63,17 @@ class Settings:
     # the numbered passage sentences that answer (a choice a small model makes better than it writes), the
     # answer quotes them, and a question in another language than the quotes gets them rendered in its own.
     answer_mode: str = "write"
+    # A question in another language than its passages (it was translated for retrieval). "direct": the model
+    # answers in the question's language from the passages, shown both forms of the question. "translate": it
+    # answers the translated question in the passages' own language, and that answer is then translated.
+    cross_lingual_answer: str = "direct"
     # A number or Latin-letter name in a written answer that stands in no passage: the answer is written
     # once more with the passage sentence that holds the closest match; what still stands nowhere is marked.
     fact_check: bool = False
     focus_split_chars: int = 80  # focus cuts sentences longer than this at commas or spaces; 0 = never
+    # Focus lets passages take turns (each its best sentence first) instead of keeping the first ones whole
+    # while later ones wait (retrieve.focus, spread).
+    focus_spread: bool = False
     focus_embed: bool = False  # also score sentences by embedding similarity (cross-lingual, ~2.5 s a question)
     fetch_k: int = 20
     rrf_k: int = 60

@@ -216,7 +216,7 @@ def sentences(text: str) -> list[str]:
     return [m.group(0) for m in _SENTENCE.finditer(text) if m.group(0)]
 
 
-@dataclass
+@dataclass(eq=False)  # one object a sentence: hashed by identity
 class _Sentence:
     hit: int
     pos: int
@@ -239,6 +239,38 @@ def overlap_grams(text: str) -> set[str]:
     return grams
 
 
+def _ranked(own: list[_Sentence]) -> list[_Sentence]:
+    """A passage's sentences, most relevant first: for a question in parts, each part's best in turn, then the
+    rest by the whole question; sentences with no overlap at all keep the passage's order."""
+    order = sorted(own, key=lambda u: -u.score)
+    if own and own[0].part_scores:
+        per_part = [sorted((u for u in own if u.part_scores[j] > 0), key=lambda u: -u.part_scores[j])
+                    for j in range(len(own[0].part_scores))]
+        order = [u for turn in zip_longest(*per_part) for u in turn if u is not None] + order
+    return list(dict.fromkeys(order))
+
+
+def _spread(by_hit: list[list[_Sentence]], take: Callable[[_Sentence], bool]) -> None:
+    """focus(spread=True)'s order: passages take turns, in rank order, each taking its next sentence from a
+    queue of its relevant sentences, best first, each followed by its neighbours; what room is left then goes
+    to the rest in rank order."""
+    queues = []
+    for own in by_hit:
+        by_pos = {u.pos: u for u in own}
+        queue: list[_Sentence] = []
+        for u in _ranked(own):
+            if u.score > 0 or any(u.part_scores):
+                queue += [v for v in (u, by_pos.get(u.pos - 1), by_pos.get(u.pos + 1)) if v is not None]
+        queues.append(list(dict.fromkeys(queue)))
+    for turn in zip_longest(*queues):
+        for u in turn:
+            if u is not None:
+                take(u)
+    for own in by_hit:
+        for u in own:
+            take(u)
+
+
 def focus(
     query: str,
     hits: Sequence[Hit],
@@ -248,6 +280,7 @@ def focus(
     embed: Callable[[list[str]], list[list[float]]] | None = None,
     split_chars: int = MAX_UNIT_CHARS,
     parts: Sequence[str] = (),
+    spread: bool = False,
 ) -> list[Hit]:
     """Fit the passages' text into `budget` tokens: the best passages whole, then the best sentences of the
     next ones.
@@ -262,6 +295,10 @@ def focus(
     number shares few words with the whole question, and lost its place to more about the first. Citation numbers
     stay per passage; passages left with no sentence are dropped. When everything fits, the hits come back
     unchanged.
+
+    `spread`: once a passage does not fit whole, it and the passages after it take turns (each its best
+    sentence, in rank order, then each its next with its neighbours) instead of the first of them taking
+    all the room left.
     """
     units: list[_Sentence] = []
     for i, hit in enumerate(hits):
@@ -303,18 +340,16 @@ def focus(
     by_hit: list[list[_Sentence]] = [[] for _ in hits]
     for u in units:
         by_hit[u.hit].append(u)
-    for own in by_hit:
+    for i, own in enumerate(by_hit):
         if used + sum(u.tokens for u in own) <= budget:
             for u in own:
                 take(u)
             continue
+        if spread:
+            _spread(by_hit[i:], take)
+            break
         by_pos = {u.pos: u for u in own}
-        order = sorted(own, key=lambda u: -u.score)  # ties (no overlap at all) keep the passage's order
-        if part_grams:  # each part's best sentence first, in turn, then the rest by the whole question
-            per_part = [sorted((u for u in own if u.part_scores[j] > 0), key=lambda u: -u.part_scores[j])
-                        for j in range(len(part_grams))]
-            order = [u for turn in zip_longest(*per_part) for u in turn if u is not None] + order
-        for u in order:
+        for u in _ranked(own):
             if take(u):
                 for near in (by_pos.get(u.pos - 1), by_pos.get(u.pos + 1)):
                     if near is not None:

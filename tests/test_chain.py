@@ -17,7 +17,7 @@ from ragqa.chain import (
     is_refusal,
     question_language,
 )
-from ragqa.config import Settings
+from ragqa.config import Settings, load_settings
 from ragqa.errors import RagqaError
 from ragqa.index import Index
 
@@ -302,8 +302,6 @@ class _Chunks:
 
 
 def _qa_over(texts: list[str], llm: FakeLLM, **changes) -> QA:
-    from ragqa.config import load_settings
-
     qa = QA.__new__(QA)  # logic only: no index, no models
     qa.settings = load_settings(changes, env={})
     qa.baseline = False
@@ -522,6 +520,33 @@ def test_quote_mode_refuses_on_the_sentinel_and_writes_when_no_sentence_is_named
     written, shown = _asked(qa, hits, "杰文斯悖论是什么？")
     assert written.answer == shown == "效率提高反而增加消耗 [1]。" and len(llm.seen) == 2
     assert "回答（中文）" in llm.seen[1][1]["content"]  # the second call is the written answer's prompt
+
+
+def test_a_cross_lingual_answer_is_written_in_the_passages_language_then_translated() -> None:
+    hits = _hits("杰文斯在1865年提出，效率提高反而增加煤炭消耗。")
+    llm = ScriptedLLM([["杰文斯悖论是什么？"], ["杰文斯在1865年提出", "效率提高反而增加煤炭消耗 [1]。"],
+                       ["In 1865 Jevons argued that ", "efficiency raises coal use [1]."]])
+    answer, shown = _asked(_qa_over(ZH_DOCS, llm, cross_lingual_answer="translate"), hits,
+                           "What is the Jevons paradox?")
+    assert answer.translated == "杰文斯悖论是什么？"
+    draft_prompt, render = llm.seen[1][1]["content"], llm.seen[2][1]["content"]
+    assert "问题：杰文斯悖论是什么？" in draft_prompt and draft_prompt.endswith("回答（中文）：")
+    assert "Answer: 杰文斯在1865年提出效率提高反而增加煤炭消耗 [1]。" in render
+    assert "Question: What is the Jevons paradox?" in render
+    assert shown == answer.answer == "In 1865 Jevons argued that efficiency raises coal use [1]."
+    assert [c["n"] for c in answer.citations] == [1] and not answer.refused
+
+
+def test_a_cross_lingual_draft_that_refuses_is_a_refusal_and_a_bare_citation_is_written_directly() -> None:
+    hits = _hits("杰文斯在1865年提出，效率提高反而增加煤炭消耗。")
+    llm = ScriptedLLM([["2030年GPU价格是多少？"], ["NOT_IN_", "DOCUMENTS"]])
+    refused, _ = _asked(_qa_over(ZH_DOCS, llm, cross_lingual_answer="translate"), hits, "What will GPUs cost in 2030?")
+    assert refused.refused and refused.answer.startswith(REFUSAL["en"]) and len(llm.seen) == 2
+    llm = ScriptedLLM([["杰文斯悖论是什么？"], ["[1]"], ["Efficiency raises coal use [1]."]])
+    written, _ = _asked(_qa_over(ZH_DOCS, llm, cross_lingual_answer="translate"), hits, "What is the Jevons paradox?")
+    assert written.answer == "Efficiency raises coal use [1]." and "Answer (in English):" in llm.seen[2][1]["content"]
+    with pytest.raises(RagqaError, match="cross_lingual_answer"):
+        QA(load_settings({"cross_lingual_answer": "both"}, env={}), index=SimpleNamespace(), llm=llm)
 
 
 def test_a_number_in_no_passage_gets_one_second_try_with_the_closest_sentence() -> None:

@@ -153,6 +153,24 @@ def test_focus_keeps_the_best_passages_whole_then_the_relevant_sentences_of_the_
     assert len(out) == 2  # no room left for the third
 
 
+def test_spread_focus_lets_the_passages_that_do_not_fit_take_turns() -> None:
+    """The first passage that does not fit whole no longer takes all the room left: it and the next ones
+    each give their best sentence first, so the second passage's answer is kept."""
+    filler = "这里是一段与问题无关的背景描述文字。"
+    hits = [
+        _hit(0, "杰文斯悖论常被提起。" + filler * 3),
+        _hit(1, filler + "杰文斯在1865年提出了这个悖论。" + filler),
+        _hit(2, filler * 2),
+    ]
+    greedy = focus("杰文斯悖论是谁提出的？", hits, budget=60, count_tokens=len)
+    assert [h.chunk.id for h in greedy] == ["c0"] and "1865" not in greedy[0].prompt_text
+    out = focus("杰文斯悖论是谁提出的？", hits, budget=60, count_tokens=len, spread=True)
+    assert [h.chunk.id for h in out] == ["c0", "c1"]  # rank order and numbers kept; c2 holds nothing relevant
+    assert out[1].prompt_text == "杰文斯在1865年提出了这个悖论。" and "杰文斯悖论常被提起。" in out[0].prompt_text
+    assert sum(len(h.prompt_text.replace("…", "")) for h in out) <= 60
+    assert focus("杰文斯悖论是谁提出的？", hits, budget=1000, count_tokens=len, spread=True) == hits
+
+
 def test_focus_without_any_overlap_keeps_a_passage_head() -> None:
     """An English question over Chinese text shares no bigrams: the passage's opening sentences are kept."""
     hits = [_hit(0, "第一句。第二句。第三句。第四句。")]
