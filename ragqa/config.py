@@ -71,8 +71,8 @@ class Settings:
     # once more with the passage sentence that holds the closest match; what still stands nowhere is marked.
     fact_check: bool = False
     focus_split_chars: int = 80  # focus cuts sentences longer than this at commas or spaces; 0 = never
-    # Focus lets passages take turns (each its best sentence first) instead of keeping the first ones whole
-    # while later ones wait (retrieve.focus, spread).
+    # Once a passage does not fit the budget whole, it and the ones after it take turns (each its best sentence
+    # first) instead of the first of them taking all the room left (retrieve.focus, spread).
     focus_spread: bool = False
     focus_embed: bool = False  # also score sentences by embedding similarity (cross-lingual, ~2.5 s a question)
     fetch_k: int = 20
