@@ -1054,6 +1054,7 @@ class QA:
                 standalone, hits, translated, shown_parts, self.settings.english_magnitudes
             )
         )
+        basis: str | None = None  # the text the answer's citations are read from, when it is a translation
         if text is None and translated and self.settings.cross_lingual_answer == "translate" and not self.baseline:
             # Written in the passages' language to the question put into it (no translating while reading),
             # then translated; the user's first token waits for the whole draft.
@@ -1069,6 +1070,7 @@ class QA:
                 render = ANSWER_TRANSLATE_PROMPT[lang].format(question=standalone, answer=draft)
                 messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": render}]
                 text = write(messages, {})
+                basis = draft
         if text is None:
             text = write(messages, extra)
         answer = "".join(shown).strip()
@@ -1099,7 +1101,10 @@ class QA:
                          "unsure": still}
         if not refused and not filt.cited:
             # The model answered without citing: attribute the answer to the passage it draws on most.
-            n = attribute(answer, hits)
+            # A translated answer that lost its marks keeps the draft's first one: the draft is in the passages'
+            # language, where attribute() can compare words; the translation shares none with them.
+            marks = [int(x) for m in _CITE.finditer(basis or "") for x in re.findall(r"\d+", m.group(1))]
+            n = next((x for x in marks if 1 <= x <= len(hits)), None) or attribute(basis or answer, hits)
             if n:
                 filt.cited.append(n)
                 held_space = ""  # the citation follows the last words, not the blank lines after them

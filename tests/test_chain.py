@@ -537,6 +537,13 @@ def test_a_cross_lingual_answer_is_written_in_the_passages_language_then_transla
     assert [c["n"] for c in answer.citations] == [1] and not answer.refused
 
 
+def test_a_translated_answer_that_drops_its_mark_keeps_the_drafts_citation() -> None:
+    hits = _hits("专家混合模型把每个词元路由给少数专家。", "杰文斯在1865年提出，效率提高反而增加煤炭消耗。")
+    llm = ScriptedLLM([["杰文斯悖论是什么？"], ["效率提高反而增加煤炭消耗 [2]。"], ["Efficiency raises coal use."]])
+    answer, shown = _asked(_qa_over(ZH_DOCS, llm, cross_lingual_answer="translate"), hits, "What is the Jevons paradox?")
+    assert [c["n"] for c in answer.citations] == [2] and shown == answer.answer == "Efficiency raises coal use. [2]"
+
+
 def test_a_cross_lingual_draft_that_refuses_is_a_refusal_and_a_bare_citation_is_written_directly() -> None:
     hits = _hits("杰文斯在1865年提出，效率提高反而增加煤炭消耗。")
     llm = ScriptedLLM([["2030年GPU价格是多少？"], ["NOT_IN_", "DOCUMENTS"]])
@@ -655,3 +662,23 @@ def test_a_question_in_parts_retrieves_each_part_and_the_prompt_names_them() -> 
     assert "这个问题有 2 问" in llm.seen[0][1]["content"] and "39.3" in answer.answer
     qa.ask("OLA-VLM 的 mIoU 分数是多少？")
     assert calls[1] == ["OLA-VLM 的 mIoU 分数是多少？"] and "这个问题有" not in llm.seen[1][1]["content"]
+
+
+@pytest.mark.slow
+def test_the_opt_in_steps_answer_end_to_end_with_the_real_parts(corpus_settings: Settings, embedder) -> None:
+    """cross_lingual_answer "translate" and focus_spread with the real index, embedder and 0.5B: the English
+    question is translated, answered in Chinese, the answer translated back; its citations name passages the
+    model saw; the budget is the fixed one (the probe is off in tests). The 1.5B: the 0.5B's translation of
+    this question is not one (chain.looks_like_translation), so the step would not run."""
+    settings = corpus_settings.replace(cross_lingual_answer="translate", focus_spread=True, model=DEFAULT_MODEL)
+    qa = QA(settings, index=Index(settings, embedder=embedder))
+    answer = qa.ask("What is the Jevons paradox?")
+    assert answer.model == DEFAULT_MODEL
+    assert answer.translated and question_language(answer.translated) == "zh"
+    assert answer.context and answer.budget is not None and answer.budget.tokens == settings.context_tokens
+    assert sum(qa.llm.count_tokens(c["text"]) for c in answer.context) <= settings.context_tokens + 24
+    if not answer.refused:
+        assert answer.citations and all(1 <= c["n"] <= len(answer.context) for c in answer.citations)
+        assert question_language(answer.answer) == "en"
+    else:
+        assert answer.answer.startswith(REFUSAL["en"])
