@@ -540,7 +540,8 @@ def test_a_cross_lingual_answer_is_written_in_the_passages_language_then_transla
 def test_a_translated_answer_that_drops_its_mark_keeps_the_drafts_citation() -> None:
     hits = _hits("专家混合模型把每个词元路由给少数专家。", "杰文斯在1865年提出，效率提高反而增加煤炭消耗。")
     llm = ScriptedLLM([["杰文斯悖论是什么？"], ["效率提高反而增加煤炭消耗 [2]。"], ["Efficiency raises coal use."]])
-    answer, shown = _asked(_qa_over(ZH_DOCS, llm, cross_lingual_answer="translate"), hits, "What is the Jevons paradox?")
+    qa = _qa_over(ZH_DOCS, llm, cross_lingual_answer="translate")
+    answer, shown = _asked(qa, hits, "What is the Jevons paradox?")
     assert [c["n"] for c in answer.citations] == [2] and shown == answer.answer == "Efficiency raises coal use. [2]"
 
 
