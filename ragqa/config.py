@@ -89,11 +89,20 @@ class Settings:
     gpu_layers: int = 0
     temperature: float = 0.0
     max_tokens: int = 400
-    # "Not in the documents" when the model's probability of starting with the refusal sentinel reaches
-    # this; below it the model must answer. 0.50 had the most right outcomes (answers with all key facts +
-    # unanswerable questions refused) over the eval's tune part (evals/RESULTS.md, 2026-12-02). None: the
-    # model's own greedy choice. Through a model server it needs the server's tokenizer and logprobs.
-    refusal_threshold: float | None = 0.50
+    # "Not in the documents" when the answerability score reaches refusal_threshold; below it the model must
+    # answer (llm.RefusalGate). The score is sigmoid(refusal_bias + refusal_check_weight * logit(check) +
+    # refusal_sentinel_weight * logit(p)): `check` the model's P("no") when asked whether the passages answer
+    # the question (chain.QA.answerability_check, one more first token), `p` its probability of starting the
+    # answer with the refusal sentinel. The weights are a logistic regression on the eval's tune part and the
+    # threshold the middle of the range with the most right outcomes there (answers with all key facts +
+    # unanswerable questions refused), 2026-12-07 (evals/RESULTS.md). refusal_check_weight 0 skips the check;
+    # with it, bias 0, sentinel weight 1 and threshold 0.5 the score is the sentinel's probability alone (the
+    # default before). None: the model's own greedy choice. Through a model server it needs the server's
+    # tokenizer and logprobs.
+    refusal_threshold: float | None = 0.31
+    refusal_check_weight: float = 1.12
+    refusal_sentinel_weight: float = 0.08
+    refusal_bias: float = -0.30
     chat_format: str | None = None
     seed: int = 42
     prompt_cache: bool = True  # keep the KV state of the fixed system prompts on disk (home/cache)

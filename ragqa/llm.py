@@ -44,26 +44,41 @@ class ChatModel(Protocol):
 
 
 class RefusalGate:
-    """Decides "not in the documents" from one calibrated number: the model's probability of starting its
-    reply with the refusal sentinel, read off the first token's distribution, which llama.cpp computes
-    anyway when it evaluates the prompt.
+    """Decides "not in the documents" from one calibrated answerability score, read off the model's first
+    token, which llama.cpp computes anyway when it evaluates the prompt.
 
     A 1.5B model's own greedy choice refused a quarter of answerable questions and half the unanswerable
     ones it should have: the sentinel was often the likeliest first token by a hair, or missed by a hair.
-    With a threshold chosen on the eval's tune part, the reply is the sentinel when its probability reaches
-    the threshold; below it the sentinel's first tokens are banned, so the model answers. Without a
-    threshold it only measures. The ban holds for the whole reply, not only its first token: that is what a
-    model server's `logit_bias` can do, and the in-process and server paths must give the same answer.
+    So the reply is the sentinel when the score reaches a threshold chosen on the eval's tune part; below
+    it the sentinel's first tokens are banned, so the model answers. Without a threshold it only measures.
+    The ban holds for the whole reply, not only its first token: that is what a model server's
+    `logit_bias` can do, and the in-process and server paths must give the same answer.
+
+    The score is sigmoid(weight * logit(p) + offset), p the probability of the sentinel as the first token.
+    `offset` carries the signals known before the answer starts (the answerability check, chain.QA's
+    `answerable_p`): weight 1 and offset 0 make the score p itself.
     """
 
-    def __init__(self, threshold: float | None) -> None:
+    def __init__(self, threshold: float | None, weight: float = 1.0, offset: float = 0.0) -> None:
         self.threshold = threshold
+        self.weight = weight
+        self.offset = offset
         self.p: float | None = None  # P(first token starts the sentinel), once the first token is chosen
+
+    @property
+    def score(self) -> float | None:
+        """The answerability score (higher: refuse), once `p` is known."""
+        if self.p is None:
+            return None
+        if self.weight == 1 and self.offset == 0:
+            return self.p  # the probability itself, not a round trip through logit and sigmoid
+        return sigmoid(self.weight * logit(self.p) + self.offset)
 
     @property
     def refuses(self) -> bool:
         """The decision, once `p` is known: the reply is the sentinel, whatever the model would write."""
-        return self.threshold is not None and self.p is not None and self.p >= self.threshold
+        score = self.score
+        return self.threshold is not None and score is not None and score >= self.threshold
 
     def processor(self, first_ids: list[int]) -> Callable[[Any, Any], Any]:
         """A llama-cpp-python logits processor: measures on the first token, then refuses or bans."""
@@ -73,9 +88,7 @@ class RefusalGate:
 
         def apply(_input_ids: Any, scores: Any) -> Any:
             if self.p is None:
-                logits = scores.astype(np.float64)
-                weights = np.exp(logits - logits.max())
-                self.p = float(weights[ids].sum() / weights.sum())
+                self.p = first_token_share(scores, {"p": ids})["p"]
             if self.threshold is None:
                 return scores
             out = np.array(scores, copy=True)
@@ -88,6 +101,27 @@ class RefusalGate:
             return out
 
         return apply
+
+
+def logit(p: float, eps: float = 1e-6) -> float:
+    """log(p / (1 - p)), with p kept off 0 and 1 so a certain first token gives a large, finite value."""
+    p = min(max(p, eps), 1.0 - eps)
+    return math.log(p / (1.0 - p))
+
+
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def first_token_share(logits: Any, groups: dict[str, Any]) -> dict[str, float]:
+    """The softmax mass of each group of token ids in one row of logits."""
+    import numpy as np
+
+    row = np.asarray(logits, dtype=np.float64)
+    weights = np.exp(row - row.max())
+    total = weights.sum()
+    return {name: float(weights[np.asarray(sorted(set(ids)), dtype=np.intp)].sum() / total)
+            for name, ids in groups.items()}
 
 
 # ---- GGUF metadata -------------------------------------------------------------------------------------
@@ -211,6 +245,27 @@ class LlamaCppChat:
         """The token ids a reply starting with `sentinel` can start with (with and without a space)."""
         return [self.client.tokenize(form.encode("utf-8"), add_bos=False, special=False)[0]
                 for form in (sentinel, " " + sentinel)]
+
+    def first_token_probs(self, messages: list[Message], starts: dict[str, list[str]]) -> dict[str, float] | None:
+        """For each name, the probability that the reply starts with one of its words (with or without a
+        space before), read off the first token's distribution: a one-token call whose prompt evaluation the
+        next call with the same beginning reuses (llama-cpp-python keeps the longest shared prefix)."""
+        from llama_cpp import LogitsProcessorList
+
+        groups = {name: [i for word in words for i in self.sentinel_first_ids(word)] for name, words in starts.items()}
+        got: dict[str, float] = {}
+
+        def measure(_input_ids: Any, scores: Any) -> Any:
+            if not got:
+                got.update(first_token_share(scores, groups))
+            return scores
+
+        if self.prefixes and messages and messages[0]["role"] == "system":
+            self.prefixes.restore(messages[0]["content"])
+        for _ in self.chat.stream(_lc_messages(messages), max_tokens=1,
+                                  logits_processor=LogitsProcessorList([measure])):
+            pass
+        return got or None
 
     def stream(
         self, messages: list[Message], max_tokens: int, gate: RefusalGate | None = None, sentinel: str = ""
@@ -641,10 +696,18 @@ class OpenAIChat:
         return self._sentinels[sentinel]
 
     def _first_token_p(self, messages: list[Message], sentinel: str) -> float | None:
-        """P(the reply starts with the sentinel), from the server's logprobs of a one-token reply to the same
-        prompt, as the in-process gate reads it off llama.cpp's logits. Below LangChain (a plain POST): its
-        streaming client does not surface the first token's alternatives. The server keeps the evaluated
-        prompt, so the answer that follows costs no second prefill on llama.cpp servers."""
+        """P(the reply starts with the sentinel), as the in-process gate reads it off llama.cpp's logits."""
+        got = self.first_token_probs(messages, {"p": [sentinel]})
+        return None if got is None else got["p"]
+
+    def first_token_probs(self, messages: list[Message], starts: dict[str, list[str]]) -> dict[str, float] | None:
+        """For each name, P(the reply starts with one of its words), from the server's logprobs of a
+        one-token reply to the same prompt, as the in-process backend reads it off llama.cpp's logits; None
+        from a server without a tokenizer or logprobs. Below LangChain (a plain POST): its streaming client
+        does not surface the first token's alternatives. The server keeps the evaluated prompt, so the answer
+        that follows costs no second prefill on llama.cpp servers."""
+        if self._tokenize is None:
+            return None
         body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": self.settings.temperature,
                 "seed": self.settings.seed, "logprobs": True, "top_logprobs": 20}
         resp = self._request("POST", "/chat/completions", json=body)
@@ -652,8 +715,11 @@ class OpenAIChat:
             top = resp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         except (ValueError, KeyError, IndexError, TypeError):
             return None  # a server without logprobs: the model's own choice decides
-        texts = set(self._sentinel_tokens(sentinel).values())
-        return float(sum(math.exp(t["logprob"]) for t in top if t.get("token") in texts))
+        out = {}
+        for name, words in starts.items():
+            texts = {t for word in words for t in self._sentinel_tokens(word).values()}
+            out[name] = float(sum(math.exp(t["logprob"]) for t in top if t.get("token") in texts))
+        return out
 
     def _failed(self, exc: BaseException) -> RagqaError:
         """One line for an error the server answered with (not a transport failure)."""

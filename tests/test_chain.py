@@ -20,6 +20,7 @@ from ragqa.chain import (
 from ragqa.config import Settings, load_settings
 from ragqa.errors import RagqaError
 from ragqa.index import Index
+from ragqa.llm import logit, sigmoid
 
 from .conftest import DEFAULT_MODEL, assert_one_line_error, run_cli
 
@@ -208,6 +209,8 @@ def test_ask_json_cites_a_chunk_holding_the_answer(corpus_settings: Settings) ->
         assert (c["source"], c["start"], c["end"]) == (r["source"], r["start"], r["end"])
         assert Path(c["source"]).read_text(encoding="utf-8")[c["start"] : c["end"]] == c["text"]
     assert result["timings"]["ttft_ms"] > 0 and result["timings"]["prompt_tokens"] > 100
+    # Answered on the answerability score: the check says the passages hold the answer.
+    assert result["refusal_check"] < 0.5 and result["refusal_score"] < load_settings(env={}).refusal_threshold
 
 
 @pytest.mark.slow
@@ -222,6 +225,13 @@ def test_default_model_refuses_what_the_corpus_cannot_answer(corpus_settings: Se
     answer = qa.ask(question)
     assert answer.refused is True, answer.answer
     assert answer.citations == []
+    # Refused on the answerability score: the check's P("no") and the sentinel's probability, as weighed.
+    s = settings
+    assert answer.refusal_check is not None and answer.refusal_p is not None, answer
+    z = s.refusal_bias + s.refusal_check_weight * logit(answer.refusal_check) + s.refusal_sentinel_weight * logit(
+        answer.refusal_p)
+    assert answer.refusal_score == pytest.approx(sigmoid(z), abs=0.01)
+    assert answer.refusal_score >= s.refusal_threshold and answer.refusal_check > 0.5
 
 
 def test_cli_bad_questions_are_one_line(tmp_path: Path) -> None:
@@ -683,3 +693,58 @@ def test_the_opt_in_steps_answer_end_to_end_with_the_real_parts(corpus_settings:
         assert question_language(answer.answer) == "en"
     else:
         assert answer.answer.startswith(REFUSAL["en"])
+
+
+class GatedLLM(FakeLLM):
+    """Logic-only stand-in with first-token probabilities: the check's answer, and the calls it saw."""
+
+    refusal_gate = True
+
+    def __init__(self, check: dict[str, float] | None) -> None:
+        super().__init__(["好"])
+        self.check = check
+        self.asked: list[tuple[list[dict], dict[str, list[str]]]] = []
+
+    def first_token_probs(self, messages: list[dict], starts: dict[str, list[str]]) -> dict[str, float] | None:
+        self.asked.append((messages, starts))
+        return self.check
+
+
+def test_the_answerability_check_asks_in_place_of_the_answer_cue_and_shifts_the_gate() -> None:
+    import math
+
+    from ragqa.chain import ANSWER_CUE, CHECK_CUE, SENTINEL_ONLY_THRESHOLD
+
+    hits = _hits("杰文斯悖论指出，效率提高反而增加总消耗。")
+    llm = GatedLLM({"yes": 0.6, "no": 0.2})
+    qa = _qa_over(ZH_DOCS, llm, refusal_threshold=0.3, refusal_check_weight=1.5, refusal_sentinel_weight=0.5,
+                  refusal_bias=-0.25)
+    messages = build_messages("杰文斯悖论是什么？", hits)
+    gate, check_p = qa.refusal_gate(messages, "zh")
+    assert check_p == pytest.approx(0.25)  # "no" over "yes" and "no"
+    (asked, starts), = llm.asked
+    body = messages[1]["content"]
+    assert asked[0] == messages[0] and asked[1]["content"] == body[: -len(ANSWER_CUE["zh"])] + CHECK_CUE["zh"]
+    assert starts == {"yes": ["有"], "no": ["没有", "没"]}
+    gate.p = 0.1
+    z = -0.25 + 1.5 * math.log(0.25 / 0.75) + 0.5 * math.log(0.1 / 0.9)
+    assert gate.score == pytest.approx(1 / (1 + math.exp(-z))) and not gate.refuses  # 0.11 < 0.3
+    gate.p = 0.9
+    assert gate.score == pytest.approx(1 / (1 + math.exp(-(z - 0.5 * math.log(0.1 / 0.9) + 0.5 * math.log(9)))))
+    # Check weight 0: no check call, the sentinel's probability under the bias and weight alone.
+    llm.asked.clear()
+    gate, check_p = _qa_over(ZH_DOCS, llm, refusal_check_weight=0, refusal_sentinel_weight=1, refusal_bias=0,
+                             refusal_threshold=0.5).refusal_gate(messages, "zh")
+    assert check_p is None and llm.asked == [] and (gate.offset, gate.weight, gate.threshold) == (0, 1, 0.5)
+    # A backend that cannot read first tokens: the weights assume the check, so the sentinel alone decides.
+    gate, check_p = _qa_over(ZH_DOCS, GatedLLM(None)).refusal_gate(messages, "zh")
+    assert check_p is None and (gate.offset, gate.weight, gate.threshold) == (0, 1, SENTINEL_ONLY_THRESHOLD)
+    # English prompts are checked in English; the baseline pipeline has no gate.
+    llm = GatedLLM({"yes": 0.1, "no": 0.3})
+    en = build_messages("What is the Jevons paradox?", hits)
+    _, check_p = _qa_over(ZH_DOCS, llm).refusal_gate(en, "en")
+    assert check_p == pytest.approx(0.75) and llm.asked[0][1] == {"yes": ["Yes", "yes"], "no": ["No", "no"]}
+    assert llm.asked[0][0][1]["content"].endswith(CHECK_CUE["en"])
+    baseline = _qa_over(ZH_DOCS, llm)
+    baseline.baseline = True
+    assert baseline.refusal_gate(en, "en") == (None, None)

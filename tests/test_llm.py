@@ -393,7 +393,8 @@ def test_a_llama_cpp_server_gives_the_in_process_answer(llama_server: str, corpu
     assert [c["source"] for c in a["citations"]] == [c["source"] for c in b["citations"]]
     assert a["timings"]["completion_tokens"] == b["timings"]["completion_tokens"]
     assert a["timings"]["prompt_tokens"] == b["timings"]["prompt_tokens"]
-    assert abs(a["refusal_p"] - b["refusal_p"]) < 0.05  # one score, read off logits here and logprobs there
+    for key in ("refusal_p", "refusal_check", "refusal_score"):  # read off logits here and logprobs there
+        assert abs(a[key] - b[key]) < 0.05, (key, a[key], b[key])
 
 
 @pytest.mark.slow
@@ -475,6 +476,27 @@ def test_refusal_gate_measures_forces_and_bans_the_sentinel() -> None:
     assert not banned.refuses and int(np.argmax(out)) == 0 and np.isinf(out[[1, 3]]).all()  # below it: answer
     later = np.log(np.array([0.1, 0.6, 0.2, 0.1], dtype=np.float32))
     assert np.isinf(apply(None, later)[[1, 3]]).all() and banned.p == pytest.approx(0.35)  # banned all along
+
+
+def test_the_gates_score_weighs_the_sentinel_and_adds_the_checks_offset() -> None:
+    import numpy as np
+
+    from ragqa.llm import RefusalGate, logit, sigmoid
+
+    scores = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))  # P(sentinel) = 0.35 at tokens 1, 3
+    plain = RefusalGate(0.3)
+    plain.processor([1, 3])(None, scores)
+    assert plain.score == plain.p == pytest.approx(0.35) and plain.refuses  # weight 1, offset 0: the probability itself
+    shifted = RefusalGate(0.5, weight=0.5, offset=1.0)
+    assert shifted.score is None and not shifted.refuses  # nothing measured yet
+    out = shifted.processor([1, 3])(None, scores)
+    assert shifted.score == pytest.approx(sigmoid(0.5 * logit(0.35) + 1.0)) and shifted.refuses
+    assert np.isinf(out[[0, 2, 3]]).all()  # refused although the sentinel itself was not likely
+    lowered = RefusalGate(0.5, weight=0.5, offset=-1.0)
+    out = lowered.processor([1, 3])(None, scores)
+    assert not lowered.refuses and np.isinf(out[[1, 3]]).all()  # answered, the sentinel banned
+    assert sigmoid(-800) == pytest.approx(0.0) and sigmoid(800) == pytest.approx(1.0)
+    assert abs(logit(0.0)) < 20 and logit(0.5) == 0.0
 
 
 def _tokenizer_reply(server_ref: list) -> Callable[[BaseHTTPRequestHandler], None]:

@@ -383,6 +383,8 @@ def score_question(
         "citation_support": support,
         "faithful": faithful,
         "refusal_p": _num(result.get("refusal_p")),
+        "refusal_check": _num(result.get("refusal_check")),
+        "refusal_score": _num(result.get("refusal_score")),
         "retrieve_ms": _num(timings.get("retrieve_ms")),
         "ttft_ms": ttft,
         "total_ms": total,
@@ -524,9 +526,10 @@ def refusal_sweep(
     scores: Sequence[dict[str, Any]], run_threshold: float | None, steps: int = 20
 ) -> list[dict[str, Any]]:
     """negative_rejection, false_refusal and key_fact_accuracy had the refusal been decided at each
-    threshold t of the first-token sentinel probability (llm.RefusalGate), from one run's records.
+    threshold t of the answerability score (llm.RefusalGate; the first-token sentinel probability in runs
+    that recorded no score), from one run's records.
 
-    A question is refused at t when its probability reaches t, or when the run refused it by other means
+    A question is refused at t when its score reaches t, or when the run refused it by other means
     (in words, or by the sentinel below the run's own threshold). Exact for t up to the run's threshold:
     above it a question the run refused has no answer to score, so key facts are left out there. A run
     with threshold above 1 (the sentinel never allowed) gives the whole curve.
@@ -537,7 +540,7 @@ def refusal_sweep(
         t = i / steps
         neg, ans, kfa, exact = [0, 0], [0, 0], [0, 0], t <= limit
         for s in scores:
-            p = s.get("refusal_p")
+            p = s.get("refusal_score") if s.get("refusal_score") is not None else s.get("refusal_p")
             if p is None or s.get("refused") is None:
                 continue
             other = bool(s["refused"]) and (run_threshold is None or p < run_threshold)

@@ -292,7 +292,7 @@ def refusal_chart(sweep: Sequence[dict[str, Any]]) -> str:
         x = left + plot_w * tick
         parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" class="tick" text-anchor="middle">{tick:.1f}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 4}" class="label" text-anchor="middle">'
-                 "threshold on P(first token refuses)</text>")
+                 "threshold on the answerability score (llm.RefusalGate)</text>")
     for key, colour in lines:
         rows = [r for r in sweep if r.get(key) is not None]
         points = [(left + plot_w * r["threshold"], top + plot_h * (1 - r[key])) for r in rows]
