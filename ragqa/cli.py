@@ -461,7 +461,8 @@ def chat(*, opts: AnswerOptions) -> None:
 @app.command("eval")
 @answering
 def eval_cmd(
-    args: Annotated[list[str], typer.Argument(help="FILE.jsonl [FILE.jsonl ...] to run, or: compare A_DIR B_DIR.")],
+    args: Annotated[list[str], typer.Argument(help="FILE.jsonl [FILE.jsonl ...] to run, or: compare A_DIR B_DIR, or: "
+                                                 "calibrate RUN_DIR (the refusal score's weights).")],
     split: Annotated[str, typer.Option("--split", help="tune, test or all: the part of the suite to run. "
                                        "Tune defaults on tune; report test.")] = "all",
     retrieval_only: Annotated[bool, typer.Option("--retrieval-only", help="Score retrieval; skip generation.")] = False,
@@ -483,8 +484,16 @@ def eval_cmd(
             raise RagqaError("usage: ragqa eval compare A_DIR B_DIR")
         evals.compare(Path(args[1]), Path(args[2]), console=out)
         return
+    if args and args[0] == "calibrate":
+        if len(args) != 2:
+            raise RagqaError("usage: ragqa eval calibrate RUN_DIR")
+        from ragqa.evals.calibrate import calibrate
+
+        calibrate(Path(args[1]), console=out)
+        return
     if not args:
-        raise RagqaError("usage: ragqa eval FILE.jsonl [FILE.jsonl ...] [options]  or  ragqa eval compare A_DIR B_DIR")
+        raise RagqaError("usage: ragqa eval FILE.jsonl [FILE.jsonl ...] [options]  or  ragqa eval compare A_DIR B_DIR"
+                         "  or  ragqa eval calibrate RUN_DIR")
     from ragqa.chain import QA
 
     settings = opts.settings(pipeline=pipeline, chunk_size=chunk_size, chunk_overlap=chunk_overlap)

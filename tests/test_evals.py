@@ -35,6 +35,8 @@ from ragqa.evals.metrics import (
 from ragqa.evals.report import write_report
 from ragqa.evals.runner import compare, load_suite, make_record, run_suite
 
+from .conftest import assert_one_line_error, run_cli
+
 ZH_TEXT = (
     "第一章 公司概况\n"
     "公司在2023年的营业收入为1,000万元，同比增长12%。董事长表示，明年将继续扩大研发投入。\n"
@@ -1049,3 +1051,55 @@ def test_chinese_counts_get_their_english(text: str, shown: str) -> None:
     from ragqa.textnorm import with_english_magnitudes
 
     assert with_english_magnitudes(text) == shown
+
+
+# --- calibrate: the answerability score's weights -----------------------------------------------------------
+def _signal(answerable: bool, check: float, p: float, ok: bool = True, refused: bool = False) -> dict[str, Any]:
+    return {"answerable": answerable, "refusal_check": check, "refusal_p": p, "key_facts_ok": ok,
+            "refused": refused}
+
+
+SIGNALS = [
+    _signal(True, 0.05, 0.02), _signal(True, 0.10, 0.20), _signal(True, 0.15, 0.05, ok=False),
+    _signal(True, 0.30, 0.40), _signal(True, 0.20, 0.01), _signal(True, 0.08, 0.30, refused=True),
+    _signal(False, 0.70, 0.30), _signal(False, 0.55, 0.60), _signal(False, 0.25, 0.10), _signal(False, 0.90, 0.05),
+]
+
+
+def test_calibration_fits_the_check_that_separates_and_finds_the_best_range() -> None:
+    from ragqa.evals.calibrate import auc, best_range, curve, fit
+
+    model = fit(SIGNALS)
+    assert (model.n, model.unanswerable) == (10, 4)
+    assert model.check_weight > 0  # a high P("no") marks the unanswerable questions here
+    assert auc(SIGNALS, lambda s: model.score(s["refusal_check"], s["refusal_p"])) > auc(
+        SIGNALS, lambda s: s["refusal_p"])
+    rows = {round(r["threshold"], 2): r for r in curve(SIGNALS, model, run_threshold=1.01)}
+    low = rows[0.01]  # everything refused: all 4 unanswerable, all 6 answerable, no key facts
+    assert (low["negative_rejection"], low["false_refusal"], low["key_facts"]) == (4, 6, 0)
+    high = rows[0.99]  # nothing refused by the score; the one refused in words stays refused
+    assert (high["negative_rejection"], high["false_refusal"], high["key_facts"], high["right"]) == (0, 1, 4, 4)
+    start, end, middle = best_range([{"threshold": t / 10, "right": r} for t, r in enumerate([3, 5, 5, 5, 4, 5])])
+    assert (start, end, middle) == (0.1, 0.3, 0.2)  # the widest run of the most, not the lone one at 0.5
+
+
+def test_calibration_needs_both_signals_and_both_kinds_of_question(tmp_path: Path) -> None:
+    from ragqa.evals.calibrate import fit
+
+    with pytest.raises(RagqaError, match="answerable and unanswerable"):
+        fit([s for s in SIGNALS if s["answerable"]])
+    with pytest.raises(RagqaError, match="answerable and unanswerable"):
+        fit([{**s, "refusal_check": None} for s in SIGNALS])
+
+
+def test_eval_calibrate_prints_the_weights_to_set(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"config": {"refusal_threshold": 1.01}}), encoding="utf-8")
+    (run / "results.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "scores": s}) + "\n" for i, s in enumerate(SIGNALS)), encoding="utf-8")
+    proc = run_cli("eval", "calibrate", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert "refusal_check_weight = " in proc.stdout and "refusal_threshold = " in proc.stdout
+    assert "10 questions with both signals (4 unanswerable)" in proc.stdout
+    assert_one_line_error(run_cli("eval", "calibrate", str(tmp_path / "nothing")), "not an eval run directory")
