@@ -9,6 +9,7 @@ model is told to print alone; the chain turns it into a plain sentence in the qu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -543,20 +544,28 @@ def documents_language(texts: list[str]) -> dict[str, float]:
     return {lang: n / total for lang, n in counts.items()}
 
 
+@contextlib.contextmanager
+def _closing(stream: Iterator[str]) -> Iterator[None]:
+    """Close a model's stream when the reader stops early, so the backend stops generating (an iterator
+    without `close` is left as it is)."""
+    try:
+        yield
+    finally:
+        close = getattr(stream, "close", None)
+        if close:
+            close()
+
+
 def first_line(stream: Iterator[str]) -> str:
     """The first non-empty line of a streamed reply, closing the stream there: a small model often goes on
     to answer or explain, and on 2 cores every token it writes is ~0.1 s the user waits for."""
     text = ""
-    try:
+    with _closing(stream):
         for piece in stream:
             text += piece
             stripped = text.lstrip()
             if "\n" in stripped:
                 return stripped.split("\n", 1)[0].strip()
-    finally:
-        close = getattr(stream, "close", None)
-        if close:
-            close()
     return text.strip()
 
 
@@ -565,15 +574,11 @@ def drain(stream: Iterator[str]) -> str:
     stopped where it starts to repeat the prompt (EchoGuard) or after the refusal sentinel."""
     echo = EchoGuard()
     text = ""
-    try:
+    with _closing(stream):
         for piece in stream:
             text += echo.feed(piece)
             if echo.stopped or text.lstrip().startswith(SENTINEL):
                 break
-    finally:
-        close = getattr(stream, "close", None)
-        if close:
-            close()
     return (text + echo.flush()).strip()
 
 
