@@ -409,6 +409,28 @@ def test_backend_uses_the_servers_tokenizer_and_streams_english(llama_server: st
 
 
 @pytest.mark.slow
+def test_first_token_probabilities_agree_in_process_through_a_server_and_with_the_gate(
+    llama_server: str, models_dir: Path, tmp_path: Path
+) -> None:
+    """The answerability check's reading: the same probabilities from llama.cpp's logits in-process and from
+    a server's logprobs, and, in-process, the same as the gate reads off the next call on the same prompt
+    (which reuses the evaluated prompt)."""
+    from ragqa.llm import RefusalGate
+
+    messages = [{"role": "system", "content": "You answer only Yes or No."},
+                {"role": "user", "content": "Is Paris the capital of France? Reply only Yes or No.\nReply:"}]
+    starts = {"yes": ["Yes"], "no": ["No"]}
+    local = LlamaCppChat(make_settings(model=SMALL_MODEL, models=models_dir, home=tmp_path / "home"))
+    here = local.first_token_probs(messages, starts)
+    there = OpenAIChat(make_settings(llm_url=llama_server)).first_token_probs(messages, starts)
+    assert here and there and here["yes"] > 0.5 > here["no"] and here["yes"] + here["no"] <= 1.0 + 1e-9
+    assert here == pytest.approx(there, abs=0.02)
+    gate = RefusalGate(None)
+    list(local.stream(messages, max_tokens=1, gate=gate, sentinel="Yes"))
+    assert gate.p == pytest.approx(here["yes"], abs=1e-4)
+
+
+@pytest.mark.slow
 def test_eval_records_the_server_model(llama_server: str, corpus_settings: Settings, tmp_path: Path) -> None:
     env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
            "RAGQA_CORPUS": str(ROOT / "corpus"), "RAGQA_MAX_TOKENS": "32"}
