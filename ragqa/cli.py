@@ -504,6 +504,12 @@ def eval_cmd(
     if stale:
         err.print(escape(f"index is not current for {settings.corpus} ({stale}): ingesting first"))
         run_ingest(settings, [settings.corpus])
+    others = qa.index.files_outside([settings.corpus])
+    if others:
+        folders = sorted({str(Path(f).parent) for f in others})
+        err.print(escape(f"warning: the index also holds {len(others)} files outside {settings.corpus} (in "
+                         f"{', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}); retrieval searches them "
+                         "too, so the figures are not those of the corpus alone (an index of its own: RAGQA_INDEX)"))
     qa.prepare()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = out_dir or settings.home / "runs" / f"{stamp}-{settings.pipeline}-{split}"

@@ -323,6 +323,12 @@ class Index:
                 return f"{Path(path).name} was deleted"
         return None
 
+    def files_outside(self, paths: list[Path]) -> list[str]:
+        """Indexed files under none of `paths`: what else retrieval searches besides them (a copy of corpus/
+        indexed from another clone, a user's folder), which changes what an eval of `paths` measures."""
+        roots = [p.resolve() for p in paths]
+        return sorted(f for f in self.files() if not any(Path(f).is_relative_to(r) for r in roots))
+
     # ---- embedder and vector store -----------------------------------------------------------------
     def check_embedder(self) -> None:
         meta = self.meta()

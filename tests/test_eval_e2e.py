@@ -32,6 +32,7 @@ def test_real_eval_run_on_a_small_file(tmp_path: Path, corpus_settings: Settings
                    env=env)
     assert proc.returncode == 0, proc.stderr
     assert "ingesting first" not in proc.stderr  # the session index is current: nothing re-embedded
+    assert "warning: the index also holds" not in proc.stderr  # it holds corpus/ alone
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["n"] == 4
     overall = summary["overall"]
@@ -61,6 +62,13 @@ def test_real_eval_run_on_a_small_file(tmp_path: Path, corpus_settings: Settings
             assert marks and all(set(m) == {"sentence", "supported", "passages", "unsupported"} for m in marks)
             assert r["scores"]["faithful"] == all(m["supported"] for m in marks)
     assert (out / "report.html").read_text(encoding="utf-8").count("<svg") >= 1
+
+    # Every answer recorded its answerability score and both signals, which calibrate fits weights on.
+    assert all(r["refusal_check"] is not None and r["refusal_score"] is not None for r in records), records
+    assert all(0 <= r["scores"]["refusal_score"] <= 1 for r in records)
+    calibrated = run_cli("eval", "calibrate", str(out), env=env)
+    assert calibrated.returncode == 0, calibrated.stderr
+    assert "4 questions with both signals (1 unanswerable)" in calibrated.stdout
 
     again = run_cli("eval", "compare", str(out), str(out), env=env)
     assert again.returncode == 0, again.stderr

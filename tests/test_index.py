@@ -136,6 +136,17 @@ def test_changed_and_deleted_files(tmp_path: Path, embedder) -> None:
 
 
 @pytest.mark.slow
+def test_files_outside_a_folder_are_what_else_the_index_searches(tmp_path: Path, light_embedder) -> None:
+    idx, docs = _small_index(tmp_path, light_embedder)
+    other = tmp_path / "clone" / "corpus"
+    other.mkdir(parents=True)
+    (other / "a.txt").write_text((docs / "a.txt").read_text(encoding="utf-8"), encoding="utf-8")  # a copy
+    idx.ingest([docs, other])
+    assert [Path(f).relative_to(tmp_path).as_posix() for f in idx.files_outside([docs])] == ["clone/corpus/a.txt"]
+    assert idx.files_outside([docs, other]) == [] and idx.files_outside([tmp_path]) == []
+
+
+@pytest.mark.slow
 def test_binary_file_is_skipped_with_a_warning(tmp_path: Path, embedder) -> None:
     idx, docs = _small_index(tmp_path, embedder)
     (docs / "blob.txt").write_bytes(os.urandom(4096) + b"\0")
