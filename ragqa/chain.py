@@ -891,10 +891,11 @@ class QA:
         the answer prompt `messages`, normalized over "yes" and "no"; None when the backend cannot read
         first-token probabilities.
 
-        Asked as a question of its own, the model separates answerable from unanswerable questions better
-        than by its probability of starting its answer with the refusal sentinel (on the eval's tune part,
-        2026-12-07: AUC 0.818 against 0.767, evals/RESULTS.md). It costs a token: the check shares the
-        answer prompt's passages, which llama.cpp evaluates once for both calls (the longest shared prefix).
+        Asked as a question of its own, the model separates answerable from unanswerable questions a little
+        better than by its probability of starting its answer with the refusal sentinel (eval tune part,
+        2026-12-07: AUC 0.772 against 0.728), but not at any threshold that moved the eval's refusal figures, so
+        it is opt-in (`refusal_check_weight`, evals/RESULTS.md). It shares the answer prompt's passages, which
+        llama.cpp evaluates once for both calls (the longest shared prefix); still ~0.5 s to the first word.
         """
         probs = getattr(self.llm, "first_token_probs", None)
         user = messages[-1]["content"]

@@ -91,18 +91,18 @@ class Settings:
     max_tokens: int = 400
     # "Not in the documents" when the answerability score reaches refusal_threshold; below it the model must
     # answer (llm.RefusalGate). The score is sigmoid(refusal_bias + refusal_check_weight * logit(check) +
-    # refusal_sentinel_weight * logit(p)): `check` the model's P("no") when asked whether the passages answer
-    # the question (chain.QA.answerability_check, one more first token), `p` its probability of starting the
-    # answer with the refusal sentinel. The weights are a logistic regression on the eval's tune part and the
-    # threshold the middle of the range with the most right outcomes there (answers with all key facts +
-    # unanswerable questions refused), 2026-12-07 (evals/RESULTS.md). refusal_check_weight 0 skips the check;
-    # with it, bias 0, sentinel weight 1 and threshold 0.5 the score is the sentinel's probability alone (the
-    # default before). None: the model's own greedy choice. Through a model server it needs the server's
-    # tokenizer and logprobs.
-    refusal_threshold: float | None = 0.31
-    refusal_check_weight: float = 1.12
-    refusal_sentinel_weight: float = 0.08
-    refusal_bias: float = -0.30
+    # refusal_sentinel_weight * logit(p)): `p` the model's probability of starting the answer with the refusal
+    # sentinel, `check` its P("no") when asked whether the passages answer the question (one more call,
+    # chain.QA.answerability_check; refusal_check_weight 0 skips it). The defaults make the score p itself,
+    # at 0.50, which had the most right outcomes (answers with all key facts + unanswerable questions refused)
+    # over the eval's tune part (evals/RESULTS.md, 2026-12-02). With the check (2026-12-07, tune part:
+    # `ragqa eval calibrate` fits bias -0.62, check 0.85, sentinel 0.04, threshold 0.26) the two parts gave
+    # no gain beyond the noise, for ~0.5 s more to the first word, so it is off. None: the model's own
+    # greedy choice. Through a model server it needs the server's tokenizer and logprobs.
+    refusal_threshold: float | None = 0.50
+    refusal_check_weight: float = 0.0
+    refusal_sentinel_weight: float = 1.0
+    refusal_bias: float = 0.0
     chat_format: str | None = None
     seed: int = 42
     prompt_cache: bool = True  # keep the KV state of the fixed system prompts on disk (home/cache)

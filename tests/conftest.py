@@ -27,6 +27,12 @@ EMBEDDER = "embeddinggemma-300m"
 os.environ["RAGQA_KERNEL_PROBE"] = "off"
 
 
+# The answerability check on, with the weights `ragqa eval calibrate` fitted on the eval's tune part
+# (2026-12-07): for the tests of the opt-in check with real models.
+CHECKED = {"RAGQA_REFUSAL_CHECK_WEIGHT": "0.85", "RAGQA_REFUSAL_SENTINEL_WEIGHT": "0.04", "RAGQA_REFUSAL_BIAS": "-0.62",
+           "RAGQA_REFUSAL_THRESHOLD": "0.26"}
+
+
 def make_settings(**overrides: object) -> Settings:
     """Settings from defaults + the given values only: the developer's env and ragqa.toml do not leak in."""
     env = {k: v for k, v in os.environ.items() if k in ("RAGQA_HOME", "RAGQA_MODELS", "RAGQA_KERNEL_PROBE")}

@@ -22,7 +22,7 @@ from ragqa.errors import RagqaError
 from ragqa.index import Index
 from ragqa.llm import logit, sigmoid
 
-from .conftest import DEFAULT_MODEL, assert_one_line_error, run_cli
+from .conftest import CHECKED, DEFAULT_MODEL, assert_one_line_error, run_cli
 
 
 def guarded(pieces: list[str]) -> tuple[str, bool]:
@@ -198,6 +198,7 @@ def test_prompt_holds_the_chosen_sentences_within_the_context_budget(corpus_sett
 @pytest.mark.slow
 def test_ask_json_cites_a_chunk_holding_the_answer(corpus_settings: Settings) -> None:
     env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir)}
+    env |= CHECKED
     proc = run_cli("ask", "杰文斯悖论是谁提出的？", "--json", "--model", DEFAULT_MODEL, env=env)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -209,8 +210,8 @@ def test_ask_json_cites_a_chunk_holding_the_answer(corpus_settings: Settings) ->
         assert (c["source"], c["start"], c["end"]) == (r["source"], r["start"], r["end"])
         assert Path(c["source"]).read_text(encoding="utf-8")[c["start"] : c["end"]] == c["text"]
     assert result["timings"]["ttft_ms"] > 0 and result["timings"]["prompt_tokens"] > 100
-    # Answered on the answerability score: the check says the passages hold the answer.
-    assert result["refusal_check"] < 0.5 and result["refusal_score"] < load_settings(env={}).refusal_threshold
+    # Answered on the answerability score (the check on): the model says the passages hold the answer.
+    assert result["refusal_check"] < 0.5 and result["refusal_score"] < float(CHECKED["RAGQA_REFUSAL_THRESHOLD"])
 
 
 @pytest.mark.slow
@@ -225,13 +226,15 @@ def test_default_model_refuses_what_the_corpus_cannot_answer(corpus_settings: Se
     answer = qa.ask(question)
     assert answer.refused is True, answer.answer
     assert answer.citations == []
-    # Refused on the answerability score: the check's P("no") and the sentinel's probability, as weighed.
-    s = settings
-    assert answer.refusal_check is not None and answer.refusal_p is not None, answer
-    z = s.refusal_bias + s.refusal_check_weight * logit(answer.refusal_check) + s.refusal_sentinel_weight * logit(
-        answer.refusal_p)
-    assert answer.refusal_score == pytest.approx(sigmoid(z), abs=0.01)
-    assert answer.refusal_score >= s.refusal_threshold and answer.refusal_check > 0.5
+    # Refused on the answerability score, by default the sentinel's first-token probability itself.
+    assert answer.refusal_check is None and answer.refusal_score == answer.refusal_p >= settings.refusal_threshold
+    # With the check on (the weights `ragqa eval calibrate` fitted on the tune part), refused on both.
+    checked = settings.replace(refusal_check_weight=0.85, refusal_sentinel_weight=0.04, refusal_bias=-0.62,
+                               refusal_threshold=0.26)
+    answer = QA(checked, index=Index(checked, embedder=embedder)).ask(question)
+    assert answer.refused is True and answer.refusal_check is not None and answer.refusal_p is not None, answer
+    z = -0.62 + 0.85 * logit(answer.refusal_check) + 0.04 * logit(answer.refusal_p)
+    assert answer.refusal_score == pytest.approx(sigmoid(z), abs=0.01) and answer.refusal_score >= 0.26
 
 
 def test_cli_bad_questions_are_one_line(tmp_path: Path) -> None:
@@ -737,12 +740,12 @@ def test_the_answerability_check_asks_in_place_of_the_answer_cue_and_shifts_the_
                              refusal_threshold=0.5).refusal_gate(messages, "zh")
     assert check_p is None and llm.asked == [] and (gate.offset, gate.weight, gate.threshold) == (0, 1, 0.5)
     # A backend that cannot read first tokens: the weights assume the check, so the sentinel alone decides.
-    gate, check_p = _qa_over(ZH_DOCS, GatedLLM(None)).refusal_gate(messages, "zh")
+    gate, check_p = _qa_over(ZH_DOCS, GatedLLM(None), refusal_check_weight=1.0).refusal_gate(messages, "zh")
     assert check_p is None and (gate.offset, gate.weight, gate.threshold) == (0, 1, SENTINEL_ONLY_THRESHOLD)
     # English prompts are checked in English; the baseline pipeline has no gate.
     llm = GatedLLM({"yes": 0.1, "no": 0.3})
     en = build_messages("What is the Jevons paradox?", hits)
-    _, check_p = _qa_over(ZH_DOCS, llm).refusal_gate(en, "en")
+    _, check_p = _qa_over(ZH_DOCS, llm, refusal_check_weight=1.0).refusal_gate(en, "en")
     assert check_p == pytest.approx(0.75) and llm.asked[0][1] == {"yes": ["Yes", "yes"], "no": ["No", "no"]}
     assert llm.asked[0][0][1]["content"].endswith(CHECK_CUE["en"])
     baseline = _qa_over(ZH_DOCS, llm)

@@ -8,7 +8,7 @@ import pytest
 from ragqa.chain import question_language
 from ragqa.config import Settings
 
-from .conftest import ROOT, run_cli
+from .conftest import CHECKED, ROOT, run_cli
 
 
 @pytest.mark.slow
@@ -26,7 +26,7 @@ def test_real_eval_run_on_a_small_file(tmp_path: Path, corpus_settings: Settings
     suite = tmp_path / "small.jsonl"
     suite.write_text("\n".join(json.dumps(q, ensure_ascii=False) for q in [*small, tune]) + "\n", encoding="utf-8")
     env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
-           "RAGQA_CORPUS": str(ROOT / "corpus")}
+           "RAGQA_CORPUS": str(ROOT / "corpus"), **CHECKED}  # the answerability check on: its fields recorded
     out = tmp_path / "run"
     proc = run_cli("eval", str(suite), "--split", "test", "--model", "qwen2.5-coder-0.5b-instruct", "--out", str(out),
                    env=env)

@@ -16,7 +16,7 @@ from ragqa.config import Settings
 from ragqa.errors import RagqaError
 from ragqa.llm import RETRY_DELAYS, LlamaCppChat, OpenAIChat, estimate_tokens, gguf_metadata, model_params
 
-from .conftest import ROOT, SMALL_MODEL, assert_one_line_error, free_port, make_settings, run_cli
+from .conftest import CHECKED, ROOT, SMALL_MODEL, assert_one_line_error, free_port, make_settings, run_cli
 
 
 def _tiny_gguf(path: Path, arch: str) -> Path:
@@ -382,7 +382,7 @@ def test_a_llama_cpp_server_gives_the_in_process_answer(llama_server: str, corpu
     with the same citations and the same prompt size (the English question also takes the translation step
     through the server)."""
     env = {"RAGQA_INDEX": str(corpus_settings.index_dir), "RAGQA_MODELS": str(corpus_settings.models_dir),
-           "RAGQA_HOME": str(tmp_path / "home"), "RAGQA_MAX_TOKENS": "96"}
+           "RAGQA_HOME": str(tmp_path / "home"), "RAGQA_MAX_TOKENS": "96", **CHECKED}  # the check's calls too
     local = run_cli("ask", question, "--json", "--model", SMALL_MODEL, env=env)
     remote = run_cli("ask", question, "--json", "--llm-url", llama_server, env=env)
     assert local.returncode == 0 and remote.returncode == 0, local.stderr + remote.stderr
