@@ -909,9 +909,10 @@ class QA:
 
     def refusal_gate(self, messages: list[Message], lang: str) -> tuple[RefusalGate | None, float | None]:
         """The gate that decides "not in the documents" for the answer prompt `messages` (llm.RefusalGate),
-        and the answerability check's P("no") it was given. Its score combines, with weights fitted by a
-        logistic regression on the eval's tune part, the check and the sentinel's first-token probability:
-        sigmoid(refusal_bias + refusal_check_weight * logit(check) + refusal_sentinel_weight * logit(p))."""
+        and the answerability check's P("no") it was given. Its score combines the check (when
+        `refusal_check_weight` is set; `ragqa eval calibrate` fits the weights) and the sentinel's first-token
+        probability: sigmoid(refusal_bias + refusal_check_weight * logit(check) + refusal_sentinel_weight *
+        logit(p)); at the defaults, p itself."""
         if self.baseline or not getattr(self.llm, "refusal_gate", False):
             return None, None
         s = self.settings

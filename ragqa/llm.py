@@ -55,8 +55,8 @@ class RefusalGate:
     `logit_bias` can do, and the in-process and server paths must give the same answer.
 
     The score is sigmoid(weight * logit(p) + offset), p the probability of the sentinel as the first token.
-    `offset` carries the signals known before the answer starts (the answerability check, chain.QA's
-    `answerable_p`): weight 1 and offset 0 make the score p itself.
+    `offset` carries the signals known before the answer starts (chain.QA.answerability_check, opt-in):
+    weight 1 and offset 0 make the score p itself, the default.
     """
 
     def __init__(self, threshold: float | None, weight: float = 1.0, offset: float = 0.0) -> None:

@@ -3,12 +3,14 @@
 ragqa decides "not in the documents" from one score (llm.RefusalGate):
 sigmoid(refusal_bias + refusal_check_weight * logit(check) + refusal_sentinel_weight * logit(p)), with `check` the
 model's P("no") when asked whether the passages answer (chain.QA.answerability_check) and `p` its probability
-of starting the answer with the refusal sentinel. Both are recorded for every question of an eval run; this
-module fits the three weights by a logistic regression of "the question is unanswerable" on them, and shows
+of starting the answer with the refusal sentinel. With the check on (`refusal_check_weight` above 0; it is off
+by default, evals/RESULTS.md 2026-12-07) both are recorded for every question of an eval run; this module fits
+the three weights by a logistic regression of "the question is unanswerable" on them, and shows
 negative_rejection, false_refusal and key facts at each threshold of the fitted score.
 
 Fit on a run of the tune part with the gate open, so every question was answered and the curve is exact
-(`RAGQA_REFUSAL_THRESHOLD=1.01 ragqa eval ... --split tune`), then `ragqa eval calibrate RUN_DIR`. The
+(`RAGQA_REFUSAL_CHECK_WEIGHT=1 RAGQA_REFUSAL_THRESHOLD=1.01 ragqa eval ... --split tune`), then
+`ragqa eval calibrate RUN_DIR`. The
 threshold to choose is the middle of the range with the most right outcomes (answers with all key facts +
 unanswerable questions refused): a range, not its best point, because 22 unanswerable questions make every
 single point noisy. Two weights from two signals and 132 questions: a small model, hard to overfit.
@@ -52,7 +54,7 @@ def fit(scores: Sequence[dict[str, Any]], iterations: int = 50) -> Fit:
     y = np.array([0.0 if s["answerable"] else 1.0 for s in rows])
     if not rows or y.min() == y.max():
         raise RagqaError("the run needs answerable and unanswerable questions, each with refusal_check and "
-                         "refusal_p recorded (a run of ragqa's default answer path)")
+                         "refusal_p recorded (a run with the answerability check on: RAGQA_REFUSAL_CHECK_WEIGHT=1)")
     x = np.array([[1.0, logit(s["refusal_check"]), logit(s["refusal_p"])] for s in rows])
     ridge = np.diag([0.0, RIDGE, RIDGE])
     w = np.zeros(3)
