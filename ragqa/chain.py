@@ -21,7 +21,7 @@ from typing import Any
 
 from ragqa import models
 from ragqa.budget import Budget, passage_budget
-from ragqa.config import Settings
+from ragqa.config import SENTINEL_ONLY_THRESHOLD, Settings
 from ragqa.errors import RagqaError
 from ragqa.grounding import foreign_tokens, ground
 from ragqa.index import Index
@@ -83,9 +83,6 @@ CHECK_CUE = {
     "zh": "资料中有没有这个问题的答案？只回答“有”或“没有”。\n回答：",
     "en": "Do the documents contain the answer to this question? Reply only Yes or No.\nReply:",
 }
-# The threshold on the sentinel's probability alone, chosen on the eval's tune part (2026-12-02), for a backend
-# without the check.
-SENTINEL_ONLY_THRESHOLD = 0.50
 CHECK_WORDS = {"zh": {"yes": ["有"], "no": ["没有", "没"]}, "en": {"yes": ["Yes", "yes"], "no": ["No", "no"]}}
 TRANSLATE_PROMPT = "You translate questions for a document search. Output only the translation, on one line."
 TRANSLATE_USER = {

@@ -24,6 +24,11 @@ def _default_home() -> Path:
     return Path(base) / "ragqa"
 
 
+# The refusal threshold on the sentinel's first-token probability alone, chosen on the eval's tune part
+# (2026-12-02): the default, and what the gate falls back to when the answerability check cannot run.
+SENTINEL_ONLY_THRESHOLD = 0.50
+
+
 @dataclass
 class Settings:
     """Effective settings. Paths left as None are derived from `home` (see `resolve_paths`)."""
@@ -99,7 +104,7 @@ class Settings:
     # `ragqa eval calibrate` fits bias -0.62, check 0.85, sentinel 0.04, threshold 0.26) the two parts gave
     # no gain beyond the noise, for ~0.5 s more to the first word, so it is off. None: the model's own
     # greedy choice. Through a model server it needs the server's tokenizer and logprobs.
-    refusal_threshold: float | None = 0.50
+    refusal_threshold: float | None = SENTINEL_ONLY_THRESHOLD
     refusal_check_weight: float = 0.0
     refusal_sentinel_weight: float = 1.0
     refusal_bias: float = 0.0

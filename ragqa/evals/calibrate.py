@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ragqa.errors import RagqaError
+from ragqa.evals.metrics import refusal_sweep
 from ragqa.llm import logit, sigmoid
 
 # A little ridge on the two weights (not the bias): keeps them finite when the tune part happens to separate.
@@ -83,24 +84,17 @@ def auc(scores: Sequence[dict[str, Any]], value: Any) -> float | None:
 def curve(
     scores: Sequence[dict[str, Any]], model: Fit, run_threshold: float | None, steps: int = 100
 ) -> list[dict[str, Any]]:
-    """Counts at each threshold t of the fitted score: refused when the score reaches t, or when the run
-    refused by other means (in words, or by its own gate below `run_threshold`, its recorded score's). Key
-    facts count only where the run answered: exact for a run with the gate open (threshold above 1)."""
-    rows = _signals(scores)
+    """Counts at each threshold t of the fitted score (metrics.refusal_sweep over it): refused when the
+    score reaches t, or when the run refused by other means (in words, or by its own gate below
+    `run_threshold`). Key facts count only where the run answered: exact for a run with the gate open."""
+    rows = refusal_sweep(_signals(scores), run_threshold, steps,
+                         value=lambda s: model.score(s["refusal_check"], s["refusal_p"]))
     out = []
-    for i in range(1, steps):
-        t = i / steps
-        nr = fr = kf = 0
-        for s in rows:
-            recorded = s.get("refusal_score") if s.get("refusal_score") is not None else s["refusal_p"]
-            other = bool(s.get("refused")) and (run_threshold is None or recorded < run_threshold)
-            refused = model.score(s["refusal_check"], s["refusal_p"]) >= t or other
-            if s["answerable"]:
-                fr += refused
-                kf += (not refused) and not s.get("refused") and bool(s.get("key_facts_ok"))
-            else:
-                nr += refused
-        out.append({"threshold": t, "negative_rejection": nr, "false_refusal": fr, "key_facts": kf, "right": nr + kf})
+    for r in rows:
+        counts = r["counts"]
+        nr, fr, kf = (counts[k][0] for k in ("negative_rejection", "false_refusal", "key_fact_accuracy"))
+        out.append({"threshold": r["threshold"], "negative_rejection": nr, "false_refusal": fr, "key_facts": kf,
+                    "right": nr + kf})
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -522,15 +522,24 @@ def funnel_counts(scores: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]
     return {"answerable": answerable, "negative": negative}
 
 
+def recorded_score(s: dict[str, Any]) -> float | None:
+    """The score a run decided its refusals on: the answerability score, or the first-token sentinel
+    probability in runs that recorded no score."""
+    return s.get("refusal_score") if s.get("refusal_score") is not None else s.get("refusal_p")
+
+
 def refusal_sweep(
-    scores: Sequence[dict[str, Any]], run_threshold: float | None, steps: int = 20
+    scores: Sequence[dict[str, Any]],
+    run_threshold: float | None,
+    steps: int = 20,
+    value: Callable[[dict[str, Any]], float] | None = None,
 ) -> list[dict[str, Any]]:
     """negative_rejection, false_refusal and key_fact_accuracy had the refusal been decided at each
-    threshold t of the answerability score (llm.RefusalGate; the first-token sentinel probability in runs
-    that recorded no score), from one run's records.
+    threshold t of the answerability score (llm.RefusalGate; `value`: the recorded one, or another score of
+    each question, as evals.calibrate's fitted one), from one run's records.
 
     A question is refused at t when its score reaches t, or when the run refused it by other means
-    (in words, or by the sentinel below the run's own threshold). Exact for t up to the run's threshold:
+    (in words, or by its gate below the run's own threshold). Exact for t up to the run's threshold:
     above it a question the run refused has no answer to score, so key facts are left out there. A run
     with threshold above 1 (the sentinel never allowed) gives the whole curve.
     """
@@ -540,15 +549,16 @@ def refusal_sweep(
         t = i / steps
         neg, ans, kfa, exact = [0, 0], [0, 0], [0, 0], t <= limit
         for s in scores:
-            p = s.get("refusal_score") if s.get("refusal_score") is not None else s.get("refusal_p")
-            if p is None or s.get("refused") is None:
+            recorded = recorded_score(s)
+            if recorded is None or s.get("refused") is None:
                 continue
-            other = bool(s["refused"]) and (run_threshold is None or p < run_threshold)
-            refused = p >= t or other
+            other = bool(s["refused"]) and (run_threshold is None or recorded < run_threshold)
+            refused = (recorded if value is None else value(s)) >= t or other
             if s["answerable"]:
                 ans[0] += refused
                 ans[1] += 1
-                kfa[0] += (not refused) and bool(s.get("key_facts_ok"))
+                # an answer the run refused holds no key facts, whatever its refusal text names nearby
+                kfa[0] += (not refused) and not s["refused"] and bool(s.get("key_facts_ok"))
                 kfa[1] += 1
             else:
                 neg[0] += refused
