@@ -77,6 +77,44 @@ Answer the question using only the documents above. Rules:
 Question: {{question}}
 {ANSWER_CUE["en"]}""",
 }
+# The same rules as the (cached) system prompt, in the question's language (`prompt_rules = "system"`): the
+# rules then cost nothing per question (PrefixCache keeps their evaluated state), and the user turn carries
+# the passages, the question and a one-line reminder. The time budget turns the saved tokens into passage text.
+_RULES = {
+    "zh": USER_PROMPT["zh"].split("\n\n", 1)[1].split("\n\n问题：")[0].replace("上面的资料", "用户给出的资料"),
+    "en": USER_PROMPT["en"].split("\n\n", 1)[1].split("\n\nQuestion:")[0].replace("documents above",
+                                                                                        "documents the user gives"),
+}
+SYSTEM_RULES = {lang: f"{SYSTEM_PROMPT}\n\n{rules}" for lang, rules in _RULES.items()}
+REMINDER = {
+    "zh": f"（只根据资料回答，标出资料编号；资料中没有答案时只回答 {SENTINEL}。）",
+    "en": f"(Answer only from the documents, cite them; if they do not hold the answer, reply only {SENTINEL}.)",
+}
+SHORT_USER_PROMPT = {
+    "zh": f"""以下是编号的参考资料：
+{{documents}}
+
+问题：{{question}}
+{REMINDER["zh"]}
+{ANSWER_CUE["zh"]}""",
+    "en": f"""Numbered reference documents (they may be written in Chinese):
+{{documents}}
+
+Question: {{question}}
+{REMINDER["en"]}
+{ANSWER_CUE["en"]}""",
+}
+PROMPT_RULES = ("after", "system")
+
+
+def answer_templates(lang: str, rules: str = "after") -> tuple[str, str]:
+    """(system prompt, user template) of the answer prompt: the rules after the passages ("after") or as
+    the system prompt ("system")."""
+    if rules == "system":
+        return SYSTEM_RULES[lang], SHORT_USER_PROMPT[lang]
+    return SYSTEM_PROMPT, USER_PROMPT[lang]
+
+
 # The answerability check (QA.answerability_check): the answer prompt with its last line, the answer cue,
 # replaced by a yes/no question; only the first token's probabilities are read.
 CHECK_CUE = {
@@ -452,6 +490,7 @@ def build_messages(
     translated: str | None = None,
     parts: list[str] | None = None,
     english_magnitudes: bool = False,
+    rules: str = "after",
 ) -> list[Message]:
     """The answer prompt. Where the question was also put into the documents' language (`translated`), the
     prompt shows that form beside it: the passages' own words, which a small model matches better than a
@@ -459,8 +498,9 @@ def build_messages(
     shown_question and format_passages."""
     lang = question_language(question)
     passages = format_passages(hits, english_magnitudes and lang == "en")
-    user = USER_PROMPT[lang].format(documents=passages, question=shown_question(question, translated, parts))
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    system, template = answer_templates(lang, rules)
+    user = template.format(documents=passages, question=shown_question(question, translated, parts))
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def passage_sentences(hits: list[Hit]) -> list[tuple[int, str]]:
@@ -646,24 +686,39 @@ def nearby(hits: list[Hit], lang: str, most: int = 2) -> str:
     return " Nearby, they discuss: " + "; ".join(f"“{n}”" for n in names) + "."
 
 
-def has_words(text: str) -> bool:
-    """Whether a reply says anything besides citation marks, spaces and punctuation."""
-    return bool(re.sub(r"[\W_]+", "", _CITE.sub("", text)))
+# A list's item numbers ("1. [2]\n2. [3]" says no more than "[2] [3]"), and while a reply streams, what may
+# still become a citation ("[3") or an item number (a line's "2" before its ".").
+_LIST_MARK = re.compile(r"(?m)^\s*\d{1,2}\s*[.、)）]")
+_OPEN_TAIL = re.compile(r"(?:[\[【]\s*(?:\d+\s*[,，、\s]\s*)*\d*|(?m:^)\s*\d{1,2})\s*$")
 
 
-def quote_fallback(query: str, hits: list[Hit], reply: str) -> str:
-    """The answer for a reply of citation marks alone ("[1]"): the cited passage's sentence sharing most with
-    the question, quoted. Small models do this (the 0.5B on most of the format test's questions once it ran
-    with its own RoPE settings; the 1.5B on 6 of 220 eval questions): they point at the evidence without
-    saying it, and the user should at least get the evidence."""
+def has_words(text: str, partial: bool = False) -> bool:
+    """Whether a reply says anything besides citation marks, list item numbers, spaces and punctuation.
+    `partial`: the reply is still streaming, so an unfinished mark at its end ("[3", a line's "2") is not
+    words yet: "[2] [3]" streamed as "[2] [" + "3" must not count as an answer at "3"."""
+    bare = _CITE.sub("", text)
+    if partial:
+        bare = _OPEN_TAIL.sub("", bare)
+    return bool(re.sub(r"[\W_]+", "", _LIST_MARK.sub("", bare)))
+
+
+def quote_fallback(query: str, hits: list[Hit], reply: str, most: int = 3) -> str:
+    """The answer for a reply of citation marks alone ("[1]", "1. [2]\n2. [3]"): each cited passage's sentence
+    sharing most with the question, quoted (up to `most` passages, in the order cited). Small models do this
+    (the 0.5B on most of the format test's questions once it ran with its own RoPE settings; the 1.5B on 4 of
+    132 eval tune questions, 2026-12-07): they point at the evidence without saying it, and the user should at
+    least get the evidence."""
     numbers = [int(n) for m in _CITE.finditer(reply) for n in re.findall(r"\d+", m.group(1))]
-    n = next((k for k in numbers if 1 <= k <= len(hits)), 1)
+    cited = list(dict.fromkeys(k for k in numbers if 1 <= k <= len(hits)))[:most] or [1]
     wanted = overlap_grams(query)
-    pieces = [p.strip() for p in sentences(hits[n - 1].prompt_text.strip()) if has_words(p)]
-    # most shared words first; then a sentence over a heading ("# 白沙灯塔" names the subject, says nothing)
-    best = max(pieces, key=lambda p: (len(wanted & overlap_grams(p)), not p.startswith("#"), len(p))) if pieces \
-        else hits[n - 1].prompt_text.strip()
-    return f"“{best}” [{n}]"
+    quotes = []
+    for n in cited:
+        pieces = [p.strip() for p in sentences(hits[n - 1].prompt_text.strip()) if has_words(p)]
+        # most shared words first; then a sentence over a heading ("# 白沙灯塔" names the subject, says nothing)
+        best = max(pieces, key=lambda p: (len(wanted & overlap_grams(p)), not p.startswith("#"), len(p))) \
+            if pieces else hits[n - 1].prompt_text.strip()
+        quotes.append(f"“{best}” [{n}]")
+    return "\n".join(quotes)
 
 
 def is_refusal(answer: str, cited: list[int]) -> bool:
@@ -752,6 +807,8 @@ class QA:
             raise RagqaError(f"unknown answer_mode '{settings.answer_mode}' (write or quote)")
         if settings.cross_lingual_answer not in CROSS_LINGUAL_ANSWERS:
             raise RagqaError(f"unknown cross_lingual_answer '{settings.cross_lingual_answer}' (direct or translate)")
+        if settings.prompt_rules not in PROMPT_RULES:
+            raise RagqaError(f"unknown prompt_rules '{settings.prompt_rules}' (after or system)")
         self.settings = settings
         self.index = index or Index(settings)
         self._llm = llm
@@ -802,9 +859,10 @@ class QA:
         passages as shown (shown_question); `translated` makes the translation call's time count too."""
         llm = self.llm
         shown = shown_question(question, translated, parts)
-        frame = llm.count_tokens(USER_PROMPT[question_language(question)].format(documents="", question=shown))
+        system, template = answer_templates(question_language(question), self.settings.prompt_rules)
+        frame = llm.count_tokens(template.format(documents="", question=shown))
         if not self.settings.prompt_cache:
-            frame += llm.count_tokens(SYSTEM_PROMPT)  # evaluated with every prompt when its state is not kept
+            frame += llm.count_tokens(system)  # evaluated with every prompt when its state is not kept
         translation = None
         if translated:
             asked = TRANSLATE_PROMPT + max(TRANSLATE_USER.values(), key=len).format(question=question)
@@ -835,7 +893,8 @@ class QA:
             hits = focus(both_forms, hits, budget.tokens, llm.count_tokens, vector, embed,
                          split_chars=self.settings.focus_split_chars, parts=parts or (),
                          spread=self.settings.focus_spread)
-        fixed = SYSTEM_PROMPT + max(USER_PROMPT.values(), key=len)
+        fixed = max((a + b for lang in USER_PROMPT for a, b in [answer_templates(lang, self.settings.prompt_rules)]),
+                    key=len)
         shown = shown_question(question, translated, shown_parts)
         room = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + shown) - 32
         kept: list[Hit] = []
@@ -1057,7 +1116,7 @@ class QA:
                 so_far = "".join(raw).lstrip()
                 if so_far.startswith(SENTINEL):
                     break  # the model refused; anything after the sentinel is noise
-                if SENTINEL.startswith(so_far) or not has_words(so_far):
+                if SENTINEL.startswith(so_far) or not has_words(so_far, partial=True):
                     continue  # could still become the sentinel, or nothing but citation marks so far
                 held = False
                 emit(filt.feed(so_far))
@@ -1081,7 +1140,8 @@ class QA:
 
         messages = (
             build_baseline_messages(standalone, hits) if self.baseline else build_messages(
-                standalone, hits, translated, shown_parts, self.settings.english_magnitudes
+                standalone, hits, translated, shown_parts, self.settings.english_magnitudes,
+                self.settings.prompt_rules,
             )
         )
         gate, check_p = self.refusal_gate(messages, question_language(standalone))  # the prompt's language
