@@ -47,7 +47,10 @@ _CITE = re.compile(r"[\[【]\s*((?:\d+\s*[,，、\s]\s*)*\d+)\s*[\]】]")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 # Chosen on the eval set: rules *after* the passages and in the question's own language worked better with
-# the 1.5B model than one bilingual system prompt (which it often ignored, answering from memory).
+# the 1.5B model than one bilingual system prompt (which it often ignored, answering from memory). Measured
+# again on the tune part (2026-12-07): the same rules as a per-language system prompt, cached, with a one-line
+# reminder after the question, left ~120 more tokens for passages, and key facts fell from 71 to 58 of 110 (terse
+# answers naming one item of several): the rules stay here, evaluated with every question.
 SYSTEM_PROMPT = (
     "You are a careful assistant. You answer only from the documents the user gives you. 你只根据用户提供的资料回答。"
 )
@@ -77,44 +80,6 @@ Answer the question using only the documents above. Rules:
 Question: {{question}}
 {ANSWER_CUE["en"]}""",
 }
-# The same rules as the (cached) system prompt, in the question's language (`prompt_rules = "system"`): the
-# rules then cost nothing per question (PrefixCache keeps their evaluated state), and the user turn carries
-# the passages, the question and a one-line reminder. The time budget turns the saved tokens into passage text.
-_RULES = {
-    "zh": USER_PROMPT["zh"].split("\n\n", 1)[1].split("\n\n问题：")[0].replace("上面的资料", "用户给出的资料"),
-    "en": USER_PROMPT["en"].split("\n\n", 1)[1].split("\n\nQuestion:")[0].replace("documents above",
-                                                                                        "documents the user gives"),
-}
-SYSTEM_RULES = {lang: f"{SYSTEM_PROMPT}\n\n{rules}" for lang, rules in _RULES.items()}
-REMINDER = {
-    "zh": f"（只根据资料回答，标出资料编号；资料中没有答案时只回答 {SENTINEL}。）",
-    "en": f"(Answer only from the documents, cite them; if they do not hold the answer, reply only {SENTINEL}.)",
-}
-SHORT_USER_PROMPT = {
-    "zh": f"""以下是编号的参考资料：
-{{documents}}
-
-问题：{{question}}
-{REMINDER["zh"]}
-{ANSWER_CUE["zh"]}""",
-    "en": f"""Numbered reference documents (they may be written in Chinese):
-{{documents}}
-
-Question: {{question}}
-{REMINDER["en"]}
-{ANSWER_CUE["en"]}""",
-}
-PROMPT_RULES = ("after", "system")
-
-
-def answer_templates(lang: str, rules: str = "after") -> tuple[str, str]:
-    """(system prompt, user template) of the answer prompt: the rules after the passages ("after") or as
-    the system prompt ("system")."""
-    if rules == "system":
-        return SYSTEM_RULES[lang], SHORT_USER_PROMPT[lang]
-    return SYSTEM_PROMPT, USER_PROMPT[lang]
-
-
 # The answerability check (QA.answerability_check): the answer prompt with its last line, the answer cue,
 # replaced by a yes/no question; only the first token's probabilities are read.
 CHECK_CUE = {
@@ -490,7 +455,6 @@ def build_messages(
     translated: str | None = None,
     parts: list[str] | None = None,
     english_magnitudes: bool = False,
-    rules: str = "after",
 ) -> list[Message]:
     """The answer prompt. Where the question was also put into the documents' language (`translated`), the
     prompt shows that form beside it: the passages' own words, which a small model matches better than a
@@ -498,9 +462,8 @@ def build_messages(
     shown_question and format_passages."""
     lang = question_language(question)
     passages = format_passages(hits, english_magnitudes and lang == "en")
-    system, template = answer_templates(lang, rules)
-    user = template.format(documents=passages, question=shown_question(question, translated, parts))
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    user = USER_PROMPT[lang].format(documents=passages, question=shown_question(question, translated, parts))
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
 def passage_sentences(hits: list[Hit]) -> list[tuple[int, str]]:
@@ -807,8 +770,6 @@ class QA:
             raise RagqaError(f"unknown answer_mode '{settings.answer_mode}' (write or quote)")
         if settings.cross_lingual_answer not in CROSS_LINGUAL_ANSWERS:
             raise RagqaError(f"unknown cross_lingual_answer '{settings.cross_lingual_answer}' (direct or translate)")
-        if settings.prompt_rules not in PROMPT_RULES:
-            raise RagqaError(f"unknown prompt_rules '{settings.prompt_rules}' (after or system)")
         self.settings = settings
         self.index = index or Index(settings)
         self._llm = llm
@@ -859,10 +820,9 @@ class QA:
         passages as shown (shown_question); `translated` makes the translation call's time count too."""
         llm = self.llm
         shown = shown_question(question, translated, parts)
-        system, template = answer_templates(question_language(question), self.settings.prompt_rules)
-        frame = llm.count_tokens(template.format(documents="", question=shown))
+        frame = llm.count_tokens(USER_PROMPT[question_language(question)].format(documents="", question=shown))
         if not self.settings.prompt_cache:
-            frame += llm.count_tokens(system)  # evaluated with every prompt when its state is not kept
+            frame += llm.count_tokens(SYSTEM_PROMPT)  # evaluated with every prompt when its state is not kept
         translation = None
         if translated:
             asked = TRANSLATE_PROMPT + max(TRANSLATE_USER.values(), key=len).format(question=question)
@@ -893,8 +853,7 @@ class QA:
             hits = focus(both_forms, hits, budget.tokens, llm.count_tokens, vector, embed,
                          split_chars=self.settings.focus_split_chars, parts=parts or (),
                          spread=self.settings.focus_spread)
-        fixed = max((a + b for lang in USER_PROMPT for a, b in [answer_templates(lang, self.settings.prompt_rules)]),
-                    key=len)
+        fixed = SYSTEM_PROMPT + max(USER_PROMPT.values(), key=len)
         shown = shown_question(question, translated, shown_parts)
         room = llm.n_ctx - self.settings.max_tokens - llm.count_tokens(fixed + shown) - 32
         kept: list[Hit] = []
@@ -1140,8 +1099,7 @@ class QA:
 
         messages = (
             build_baseline_messages(standalone, hits) if self.baseline else build_messages(
-                standalone, hits, translated, shown_parts, self.settings.english_magnitudes,
-                self.settings.prompt_rules,
+                standalone, hits, translated, shown_parts, self.settings.english_magnitudes
             )
         )
         gate, check_p = self.refusal_gate(messages, question_language(standalone))  # the prompt's language

@@ -54,10 +54,6 @@ class Settings:
     ttft_target_s: float | None = 5.0
     context_floor: int = 300
     context_cap: int = 800
-    # Where the answer prompt's rules stand: "after" the passages in the user turn, evaluated with every
-    # question, or as the "system" prompt in the question's language, whose evaluated state is kept (llm.PrefixCache)
-    # so the time budget spends those tokens on passage text; a one-line reminder then follows the question.
-    prompt_rules: str = "after"
     # A question in another language than the documents is also put into theirs by the model (a short
     # call): retrieval searches both forms, focus scores sentences against both, the prompt shows both.
     translate_query: bool = True
