@@ -813,20 +813,27 @@ class QA:
             self._loading = _Background(load_llm, self.settings)
 
     def passage_budget(
-        self, question: str, n_passages: int, translated: str | None = None, parts: list[str] | None = None
+        self,
+        question: str,
+        n_passages: int,
+        translated: str | None = None,
+        parts: list[str] | None = None,
+        reply: str | None = None,
     ) -> Budget:
         """The passage tokens this question's prompt may hold (ragqa/budget.py): from the time target and the
         model's measured rates where both exist, else `context_tokens`. The frame is the prompt around the
-        passages as shown (shown_question); `translated` makes the translation call's time count too."""
+        passages as shown (shown_question). The translation call's time counts too: `reply` is what it
+        generated (see translation), also when rejected; without it, `translated`."""
         llm = self.llm
         shown = shown_question(question, translated, parts)
         frame = llm.count_tokens(USER_PROMPT[question_language(question)].format(documents="", question=shown))
         if not self.settings.prompt_cache:
             frame += llm.count_tokens(SYSTEM_PROMPT)  # evaluated with every prompt when its state is not kept
         translation = None
-        if translated:
+        generated = translated if reply is None else reply
+        if generated is not None:
             asked = TRANSLATE_PROMPT + max(TRANSLATE_USER.values(), key=len).format(question=question)
-            translation = (llm.count_tokens(asked), llm.count_tokens(translated))
+            translation = (llm.count_tokens(asked), llm.count_tokens(generated))
         return passage_budget(self.settings, getattr(llm, "rates", None), frame, n_passages, translation)
 
     def fit_hits(
@@ -837,17 +844,19 @@ class QA:
         translated: str | None = None,
         parts: list[str] | None = None,
         shown_parts: list[str] | None = None,
+        reply: str | None = None,
     ) -> tuple[list[Hit], Budget | None]:
         """The passages as the model will see them, and the budget they were fitted to: their best sentences
         within the passage budget (see retrieve.focus), and never more than the context window holds,
         whole: never cut one mid-way. Sentences are scored against both forms of the question and against
         each of its parts (`parts`: both languages' when translated); the prompt around them names
-        `shown_parts`. The baseline pipeline has no budget (whole passages)."""
+        `shown_parts`; `reply`: the translation call's output (passage_budget). The baseline pipeline has no
+        budget (whole passages)."""
         llm = self.llm
         budget = None
         both_forms = f"{question}\n{translated}" if translated else question
         if not self.baseline:
-            budget = self.passage_budget(question, len(hits), translated, shown_parts)
+            budget = self.passage_budget(question, len(hits), translated, shown_parts, reply)
         if budget is not None and budget.tokens > 0:
             embed = self._embed_sentences if self.settings.focus_embed else None
             hits = focus(both_forms, hits, budget.tokens, llm.count_tokens, vector, embed,
@@ -885,21 +894,27 @@ class QA:
     def translate(self, question: str) -> str | None:
         """The question in the documents' language, when a fair share (30%) of them is in another language
         than the question; None when no translation is needed or the model's output is not one."""
+        return self.translation(question)[0]
+
+    def translation(self, question: str) -> tuple[str | None, str | None]:
+        """(translate's result, the model's reply): the reply is None when no call was made, and stands also
+        when it was rejected as no translation; the call's time is spent either way (the time budget and
+        `timings` count it)."""
         if not self.settings.translate_query or self.baseline:
-            return None
+            return None, None
         lang = question_language(question)
         target = "en" if lang == "zh" else "zh"
         if lang == "en" and not re.search(r"[A-Za-z]{2}", question):
-            return None  # no words to translate (digits, symbols, another script the prompts do not cover)
+            return None, None  # no words to translate (digits, symbols, another script the prompts do not cover)
         if self.languages().get(target, 0.0) < 0.3:
-            return None
+            return None, None
         messages: list[Message] = [
             {"role": "system", "content": TRANSLATE_PROMPT},
             {"role": "user", "content": TRANSLATE_USER[target].format(question=question)},
         ]
         text = first_line(self.llm.stream(messages, max_tokens=2 * self.llm.count_tokens(question) + 24))
         text = text.strip('"“”')
-        return text if looks_like_translation(text, question, target) else None
+        return (text if looks_like_translation(text, question, target) else None), text
 
     def answerability_check(self, messages: list[Message], lang: str) -> float | None:
         """P("no") of a yes/no question, "do the documents answer it?", asked in place of the answer cue of
@@ -985,7 +1000,8 @@ class QA:
         t0 = time.perf_counter()
         standalone = self.condense(question, history or []) if history else question
         t_translate = time.perf_counter()
-        translated = None if retrieval_only else self.translate(standalone)  # retrieval-only runs no model
+        # retrieval-only runs no model
+        translated, reply = (None, None) if retrieval_only else self.translation(standalone)
         translate_ms = (time.perf_counter() - t_translate) * 1000
         # A question asking several things: each part, in each form, is searched too (question_parts).
         shown_parts = question_parts(standalone) if self.settings.question_parts and not self.baseline else []
@@ -996,7 +1012,7 @@ class QA:
         hits = retrieval.hits
         timings: dict[str, float | int | None] = {
             "retrieve_ms": round(retrieve_ms, 1),
-            "translate_ms": round(translate_ms, 1) if translated is not None else None,
+            "translate_ms": round(translate_ms, 1) if reply is not None else None,
             "ttft_ms": None,
             "total_ms": None,
             "prompt_tokens": None,
@@ -1009,7 +1025,7 @@ class QA:
         found = [h.as_dict() for h in hits]
         t_focus = time.perf_counter()
         both_forms = f"{standalone}\n{translated}" if translated else standalone
-        hits, budget = self.fit_hits(standalone, hits, retrieval.vector, translated, parts, shown_parts)
+        hits, budget = self.fit_hits(standalone, hits, retrieval.vector, translated, parts, shown_parts, reply)
         timings["focus_ms"] = round((time.perf_counter() - t_focus) * 1000, 1)
         if context_only:
             timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)

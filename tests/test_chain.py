@@ -10,6 +10,8 @@ from ragqa.chain import (
     QA,
     REFUSAL,
     SENTINEL,
+    TRANSLATE_PROMPT,
+    TRANSLATE_USER,
     CitationFilter,
     EchoGuard,
     build_messages,
@@ -416,6 +418,22 @@ def test_a_reply_that_is_not_a_translation_is_dropped() -> None:
     assert qa.translate("What is the Jevons paradox?") is None
     assert _qa_over(ZH_DOCS, FakeLLM([""])).translate("What is the Jevons paradox?") is None
     assert _qa_over(ZH_DOCS, FakeLLM(["杰文斯悖论是1865年提出的。"])).translate("What is the Jevons paradox?") is None
+
+
+def test_a_rejected_translation_still_costs_the_time_budget() -> None:
+    """The call ran and took its time whether or not its reply is used: the budget charges what it generated."""
+    from ragqa.budget import Rates
+
+    reply = "The Jevons paradox says that efficiency raises consumption."
+    llm = FakeLLM([reply])
+    llm.count_tokens, llm.rates = len, Rates(2000.0, 250.0, "test")  # a token per character
+    qa = _qa_over(ZH_DOCS, llm, context_floor=0, context_cap=100_000)
+    question = "What is the Jevons paradox?"
+    assert qa.translation(question) == (None, reply)
+    free, charged = qa.passage_budget(question, 5).tokens, qa.passage_budget(question, 5, reply=reply).tokens
+    asked = len(TRANSLATE_PROMPT + max(TRANSLATE_USER.values(), key=len).format(question=question))
+    assert abs((free - charged) - (asked + len(reply) * 2000 / 250)) <= 1  # its prompt, and its output's time
+    assert qa.translation("杰文斯悖论是什么？") == (None, None)  # no call: nothing to charge
 
 
 def test_chinese_question_over_english_documents_is_translated() -> None:
