@@ -632,12 +632,21 @@ def looks_like_rewrite(text: str, question: str) -> bool:
     return bool(text) and len(text) <= max(3 * len(question), 80) and text.rstrip().endswith(("?", "？"))
 
 
-def nearby(hits: list[Hit], lang: str, most: int = 2) -> str:
-    """What the documents do hold near the question, for a refusal to name: the headings (else the opening
-    words) of the best passages, so "not in the documents" still points the reader somewhere."""
+def nearby(hits: list[Hit], lang: str, query: str = "", most: int = 2, chars: int = 30) -> str:
+    """What the documents do hold near the question, for a refusal to name, so "not in the documents" still
+    points the reader somewhere: each of the best passages by its heading, else by its sentence sharing the
+    most words with `query` (both forms of the question), else by its opening words. A transcript's passages
+    have no heading, and their opening words were a clause cut mid-way ("他是需要一个类似于爱因斯坦这样的人").
+    """
+    wanted = overlap_grams(query)
     names: list[str] = []
     for hit in hits:
-        name = (hit.chunk.heading or (hit.chunk.text.strip().splitlines() or [""])[0][:24]).strip(" #")
+        name = hit.chunk.heading.strip(" #")
+        if not name:
+            lines = [s.strip(" #\n") for s in sentences(hit.chunk.text.strip())]
+            lines = [s for s in lines if s] or [""]
+            best = max(lines, key=lambda s: len(wanted & overlap_grams(s)))  # the first of equals: the opening
+            name = best if len(best) <= chars else best[: chars - 1].rstrip() + "…"
         if name and name not in names:
             names.append(name)
         if len(names) == most:
@@ -1203,7 +1212,7 @@ class QA:
             emit(note)
             answer += note
         if refused:
-            answer = REFUSAL[lang] + nearby(hits, lang)
+            answer = REFUSAL[lang] + nearby(hits, lang, both_forms)
             if on_token and not shown:
                 on_token(answer)
         timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)

@@ -475,6 +475,22 @@ def test_a_refusal_names_what_the_documents_hold_nearby() -> None:
     assert nearby([], "en") == ""
 
 
+def test_a_passage_without_heading_is_named_by_its_sentence_nearest_the_question() -> None:
+    from ragqa.chain import nearby
+    from ragqa.ingest import Chunk
+    from ragqa.retrieve import Hit
+
+    text = ("他是需要一个类似于爱因斯坦这样的人，他把底层的机器学习的原理给讲清楚。"
+            "啤酒和尿布是数据挖掘里最经典的例子，这是统计机器学习的思路。")
+    hit = Hit(Chunk("0", "f", 0, len(text), text, "", 1, 1), 0.1)
+    assert nearby([hit], "zh", "数据挖掘的经典例子是什么？\nWhat data-mining example?") == (
+        "相关内容见：「啤酒和尿布是数据挖掘里最经典的例子，这是统计机器学习的思路。」。"
+    )
+    # Nothing in common with the question: the passage's opening, cut where the name gets long.
+    opening = "他是需要一个类似于爱因斯坦这样的人，他把底层的机器学习的原…"  # 29 characters and the ellipsis
+    assert nearby([hit], "en", "Who won?") == f" Nearby, they discuss: “{opening}”."
+
+
 def test_a_question_without_words_is_not_sent_for_translation() -> None:
     llm = FakeLLM(["unused"])
     assert _qa_over(ZH_DOCS, llm).translate("🙂🔥 1234 ？") is None
