@@ -641,9 +641,9 @@ def nearby(hits: list[Hit], lang: str, query: str = "", most: int = 2, chars: in
     wanted = overlap_grams(query)
     names: list[str] = []
     for hit in hits:
-        name = hit.chunk.heading.strip(" #")
+        name = (hit.chunk.heading or "").strip(" #")
         if not name:
-            lines = [s.strip(" #\n") for s in sentences(hit.chunk.text.strip())]
+            lines = [s.strip(" #\n").rstrip("。.！!？?；;，,") for s in sentences(hit.chunk.text.strip())]
             lines = [s for s in lines if s] or [""]
             best = max(lines, key=lambda s: len(wanted & overlap_grams(s)))  # the first of equals: the opening
             name = best if len(best) <= chars else best[: chars - 1].rstrip() + "…"

@@ -484,7 +484,7 @@ def test_a_passage_without_heading_is_named_by_its_sentence_nearest_the_question
             "啤酒和尿布是数据挖掘里最经典的例子，这是统计机器学习的思路。")
     hit = Hit(Chunk("0", "f", 0, len(text), text, "", 1, 1), 0.1)
     assert nearby([hit], "zh", "数据挖掘的经典例子是什么？\nWhat data-mining example?") == (
-        "相关内容见：「啤酒和尿布是数据挖掘里最经典的例子，这是统计机器学习的思路。」。"
+        "相关内容见：「啤酒和尿布是数据挖掘里最经典的例子，这是统计机器学习的思路」。"  # its full stop goes
     )
     # Nothing in common with the question: the passage's opening, cut where the name gets long.
     opening = "他是需要一个类似于爱因斯坦这样的人，他把底层的机器学习的原…"  # 29 characters and the ellipsis
