@@ -45,6 +45,7 @@ _REFUSAL_PHRASES = re.compile(
 )
 _CITE = re.compile(r"[\[【]\s*((?:\d+\s*[,，、\s]\s*)*\d+)\s*[\]】]")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_SPACE = re.compile(r"\s+")
 
 # Chosen on the eval set: rules *after* the passages and in the question's own language worked better with
 # the 1.5B model than one bilingual system prompt (which it often ignored, answering from memory). Measured
@@ -132,6 +133,19 @@ Answer (in English):""",
 回答（中文）：""",
 }
 QUOTED_LABEL = {"zh": "资料原文：", "en": "From the documents:"}
+# answer_parts: a later part of a question asking several things, asked on its own after the first answer.
+PART_DOCUMENTS = {"zh": "更多参考资料：\n{documents}\n\n", "en": "More reference documents:\n{documents}\n\n"}
+PART_PROMPT = {
+    "zh": "{documents}问题“{question}”的第 {i} 问：{part}\n请再读一遍资料，只回答这一问：写出答案本身，"
+          "数字和名称照资料原样写，在用到的事实后面用方括号标出资料编号，例如 [1]。如果资料中没有这一问的答案，"
+          f"只回答 {SENTINEL}。\n{ANSWER_CUE['zh']}",
+    "en": "{documents}Part {i} of the question \"{question}\": {part}\nRead the documents again and answer only "
+          "this part, using only the documents: the fact itself, with numbers and names as written there and the "
+          "document number in square brackets after the facts you use, e.g. [1]. If the documents do not answer "
+          f"this part, reply only {SENTINEL}.\n{ANSWER_CUE['en']}",
+}
+PART_LABEL = {"zh": "\n\n第 {i} 问：", "en": "\n\nPart {i}: "}
+PART_REFUSAL = {"zh": "资料中没有这一问的答案。", "en": "The documents do not answer this part."}
 MAX_PICKS = 6
 # The fact check's second try (fact_check): the model is shown what it stated that no passage holds, and the
 # passage sentence holding the closest match.
@@ -404,21 +418,86 @@ def _defang(text: str) -> str:
     return _FENCE.sub("[documents]", text)
 
 
-def format_passages(hits: list[Hit], english_magnitudes: bool = False) -> str:
-    """The numbered passages as the prompt shows them; `english_magnitudes` writes Chinese counts in English
-    (textnorm.with_english_magnitudes), for a question asked in English."""
+def passage_label(hit: Hit) -> str:
+    """What a passage is called after its number in a prompt."""
+    c = hit.chunk
+    page = f" p.{c.page}" if c.page else ""  # so the model can say which page a fact is on
+    # A heading says more per token than a file name (often a hash in exported corpora); a page number
+    # needs its file to mean anything.
+    return Path(c.source).name + page + (f" · {c.heading}" if c.heading else "") if page else (
+        c.heading or Path(c.source).name
+    )
+
+
+def format_passages(hits: list[Hit], english_magnitudes: bool = False, first: int = 1) -> str:
+    """The numbered passages as the prompt shows them, from [first]; `english_magnitudes` writes Chinese
+    counts in English (textnorm.with_english_magnitudes), for a question asked in English."""
     parts = []
-    for i, hit in enumerate(hits, start=1):
-        c = hit.chunk
-        page = f" p.{c.page}" if c.page else ""  # so the model can say which page a fact is on
-        # A heading says more per token than a file name (often a hash in exported corpora); a page number
-        # needs its file to mean anything.
-        label = Path(c.source).name + page + (f" · {c.heading}" if c.heading else "") if page else (
-            c.heading or Path(c.source).name
-        )
+    for i, hit in enumerate(hits, start=first):
         text = with_english_magnitudes(hit.prompt_text) if english_magnitudes else hit.prompt_text
-        parts.append(_defang(f"[{i}] ({label})\n{text}"))
+        parts.append(_defang(f"[{i}] ({passage_label(hit)})\n{text}"))
     return "<documents>\n" + "\n\n".join(parts) + "\n</documents>"
+
+
+def part_passages(
+    part: str,
+    pool: list[Hit],
+    hits: list[Hit],
+    budget: int,
+    count_tokens: Callable[[str], int],
+    split_chars: int = 80,
+) -> tuple[list[Hit], list[tuple[int, Hit]]]:
+    """For a later part of a question asking several things: the best sentences for `part` (both forms of it,
+    when translated) among the retrieved passages `pool`, within `budget` tokens, less what the answer prompt
+    already showed (`hits`, numbered from 1).
+
+    Returns the passages as the model has now seen them (a passage it had not seen is appended, so its number
+    follows theirs; one it had seen shows its new sentences after "…"), and the (number, passage holding only
+    the new sentences) pairs for the follow-up prompt; none when the first prompt showed everything.
+    A part's evidence is what the first prompt's budget most often cut: it shares few words with the whole
+    question, and the first part's passages took the room (evals/RESULTS.md)."""
+    seen = list(hits)
+    where = {h.chunk.id: i for i, h in enumerate(seen)}
+    new: list[tuple[int, Hit]] = []
+    for hit in focus(part, pool, budget, count_tokens, split_chars=split_chars):
+        i = where.get(hit.chunk.id)
+        shown = _SPACE.sub("", seen[i].prompt_text) if i is not None else ""
+        fresh = [s.strip() for piece in hit.prompt_text.split("…") for s in sentences(piece)
+                 if has_words(s) and _SPACE.sub("", s) not in shown]
+        if not fresh:
+            continue
+        added = " ".join(fresh)
+        if i is None:
+            seen.append(Hit(**{**hit.__dict__, "context": added}))
+            i = where[hit.chunk.id] = len(seen) - 1
+        else:
+            seen[i] = Hit(**{**seen[i].__dict__, "context": f"{seen[i].prompt_text} … {added}"})
+        new.append((i + 1, Hit(**{**hit.__dict__, "context": added})))
+    return seen, new
+
+
+def part_messages(
+    messages: list[Message], question: str, i: int, part: str, translated: str | None, new: list[tuple[int, Hit]],
+    english_magnitudes: bool = False,
+) -> list[Message]:
+    """The conversation `messages` (ending with the model's reply) going on to ask part `i` on its own: the new
+    passages, numbered as `part_passages` numbered them, then the part. The conversation so far is llama.cpp's
+    evaluated prefix, so this costs about its own tokens."""
+    lang = question_language(part)
+    docs = ""
+    if new:
+        blocks = [
+            _defang(f"[{n}] ({passage_label(h)})\n"
+                    + (with_english_magnitudes(h.prompt_text) if english_magnitudes else h.prompt_text))
+            for n, h in new
+        ]
+        docs = PART_DOCUMENTS[lang].format(documents="<documents>\n" + "\n\n".join(blocks) + "\n</documents>")
+    shown = part
+    if translated:
+        shown += (f"\n(In the documents' language: {translated})" if lang == "en"
+                  else f"\n（另一种语言表述：{translated}）")
+    user = PART_PROMPT[lang].format(documents=docs, question=question, i=i, part=shown)
+    return [*messages, {"role": "user", "content": user}]
 
 
 # Shown the parts alone ("每一问都要回答：1. … 2. …"), the 1.5B copied them back as its answer on 2 of 32
@@ -882,6 +961,56 @@ class QA:
                 room -= cost
         return kept, budget
 
+    def answer_parts(
+        self,
+        question: str,
+        shown_parts: list[str],
+        translated: str | None,
+        pool: list[Hit],
+        hits: list[Hit],
+        budget: Budget | None,
+        messages: list[Message],
+        reply: str,
+        filt: CitationFilter,
+        write: Callable[[list[Message], dict[str, Any]], str],
+        emit: Callable[[str], None],
+        lang: str,
+    ) -> tuple[list[Hit], CitationFilter]:
+        """Ask each part after the first of a question that asks several things on its own, once the answer to
+        the whole has streamed (settings.answer_parts), each shown its best sentences the first prompt left out.
+
+        Why: the 1.5B model answers the first of two questions and stops, or misses the second because focus
+        cut its sentence. These calls come after the first word, so they add to the total time, not to the time
+        to it; their passage budget is the first prompt's again. Measured (tune part, 2026-12-07): 14 against
+        13 of 32 multi-part questions right, the model mostly restating its first answer; hence opt-in.
+        Returns the passages as the model has now seen them (new ones numbered after the first prompt's) and
+        the citation filter holding every cited number."""
+        tparts = question_parts(translated) if translated else []
+        spoken = [*messages, {"role": "assistant", "content": reply}]
+        tokens = budget.tokens if budget is not None and budget.tokens > 0 else self.settings.context_tokens
+        for i, part in enumerate(shown_parts[1:], start=2):
+            tpart = tparts[i - 1] if len(tparts) == len(shown_parts) else translated
+            used = sum(self.llm.count_tokens(m["content"]) + 8 for m in spoken)
+            room = self.llm.n_ctx - used - self.settings.max_tokens - 200  # 200: the part prompt around passages
+            if room <= 0:
+                break
+            hits, new = part_passages(f"{part}\n{tpart}" if tpart else part, pool, hits, min(tokens, room),
+                                      self.llm.count_tokens, self.settings.focus_split_chars)
+            ask = part_messages(spoken, question, i, part, tpart, new,
+                                self.settings.english_magnitudes and lang == "en")
+            emit(PART_LABEL[lang].format(i=i))
+            part_filt = CitationFilter(len(hits))
+            # Its own refusal gate: greedy, the model gave the sentinel for parts whose fact stood in the
+            # passages (a part read alone asks little); the gate refuses only from the calibrated threshold.
+            gate, _ = self.refusal_gate(ask, lang)
+            second = write(ask, {"gate": gate, "sentinel": SENTINEL} if gate else {}, part_filt)
+            filt.n = len(hits)
+            filt.cited.extend(n for n in part_filt.cited if n not in filt.cited)
+            if second.lstrip().startswith(SENTINEL) or not has_words(second):
+                emit(PART_REFUSAL[lang])  # nothing of this reply was shown
+            spoken = [*ask, {"role": "assistant", "content": second}]
+        return hits, filt
+
     def _embed_sentences(self, texts: list[str]) -> list[list[float]]:
         """Sentence vectors for `focus`, remembered: chat follow-ups and a server see the same passages."""
         cache = self._sentence_vectors
@@ -1032,6 +1161,7 @@ class QA:
             return Answer(question, None, None, [], [h.as_dict() for h in hits], None, timings, standalone, hits)
 
         found = [h.as_dict() for h in hits]
+        pool = hits  # whole passages, before focus cut them
         t_focus = time.perf_counter()
         both_forms = f"{standalone}\n{translated}" if translated else standalone
         hits, budget = self.fit_hits(standalone, hits, retrieval.vector, translated, parts, shown_parts, reply)
@@ -1076,9 +1206,10 @@ class QA:
                 usage["prompt_tokens"] = last.get("prompt_tokens")
             usage["completion_tokens"] = (usage["completion_tokens"] or 0) + (last.get("completion_tokens") or 0)
 
-        def write(messages: list[Message], extra: dict[str, Any]) -> str:
-            """Stream one written reply to the user through the echo guard and the citation filter, held back
-            while it could still be the refusal sentinel; the raw reply."""
+        def write(messages: list[Message], extra: dict[str, Any], through: CitationFilter | None = None) -> str:
+            """Stream one written reply to the user through the echo guard and the citation filter (`filt`, or
+            `through`), held back while it could still be the refusal sentinel; the raw reply."""
+            cf = through or filt
             raw: list[str] = []
             held = True  # hold output until it is clear the model is not printing the refusal sentinel
             stream = self.llm.stream(messages, max_tokens=self.settings.max_tokens, **extra)
@@ -1093,7 +1224,7 @@ class QA:
                     continue
                 raw.append(piece)
                 if not held:
-                    emit(filt.feed(piece))
+                    emit(cf.feed(piece))
                     if echo.stopped:
                         break
                     continue
@@ -1103,7 +1234,7 @@ class QA:
                 if SENTINEL.startswith(so_far) or not has_words(so_far, partial=True):
                     continue  # could still become the sentinel, or nothing but citation marks so far
                 held = False
-                emit(filt.feed(so_far))
+                emit(cf.feed(so_far))
                 if echo.stopped:
                     break
             if hasattr(stream, "close"):
@@ -1113,13 +1244,13 @@ class QA:
             if tail:
                 raw.append(tail)
                 if not held:
-                    emit(filt.feed(tail))
+                    emit(cf.feed(tail))
             text = "".join(raw).strip()
             if held and not text.startswith(SENTINEL):
                 if text and not has_words(text):  # "[1]" and nothing else: give the evidence it points at
                     text = quote_fallback(both_forms, hits, text)
-                emit(filt.feed(text))  # the model stopped while its reply could still have been the sentinel
-            emit(filt.flush())
+                emit(cf.feed(text))  # the model stopped while its reply could still have been the sentinel
+            emit(cf.flush())
             return text
 
         messages = (
@@ -1196,6 +1327,11 @@ class QA:
                     answer, still = rewritten, foreign_tokens(rewritten, passages)
                 check = {"foreign": foreign, "closest": {"n": n, "sentence": sentence}, "first_answer": first,
                          "unsure": still}
+        if (self.settings.answer_parts and len(shown_parts) > 1 and not refused and not quoted
+                and basis is None and check is None and not self.baseline):
+            hits, filt = self.answer_parts(standalone, shown_parts, translated, pool, hits, budget, messages, text,
+                                           filt, write, emit, lang)
+            answer = "".join(shown).strip()
         if not refused and not filt.cited:
             # The model answered without citing: attribute the answer to the passage it draws on most.
             # A translated answer that lost its marks keeps the draft's first one: the draft is in the passages'

@@ -61,6 +61,12 @@ class Settings:
     # (chain.question_parts): each part adds its own retrieval, focus keeps each part's best sentences, and the
     # prompt names the parts one by one so the model answers all of them.
     question_parts: bool = True
+    # Opt-in: once the answer has streamed, each later part is asked again on its own, in the same conversation,
+    # shown its best sentences of the retrieved passages that the first prompt left out (chain.part_passages).
+    # Those calls come after the first word, so the time target does not bound their passages. On the eval's
+    # tune part (2026-12-07) it repaired 1 of the 32 multi-part questions (14 against 13 right) for ~2.7 s more
+    # per answer: the 1.5B mostly restated its first answer (evals/RESULTS.md).
+    answer_parts: bool = False
     # Passages shown to an English question have Chinese counts written in English ("467亿" as "46.7
     # billion"): arithmetic the chain does so the model does not (textnorm.with_english_magnitudes).
     english_magnitudes: bool = True

@@ -728,6 +728,56 @@ def test_a_question_in_parts_retrieves_each_part_and_the_prompt_names_them() -> 
     assert calls[1] == ["OLA-VLM 的 mIoU 分数是多少？"] and "这个问题有" not in llm.seen[1][1]["content"]
 
 
+def test_a_later_part_gets_the_sentences_the_first_prompt_left_out() -> None:
+    """part_passages: the part's best sentences among the whole retrieved passages, less what the first
+    prompt showed; a passage the first prompt dropped comes back numbered after the others."""
+    from ragqa.chain import part_passages
+
+    pool = _hits("桥长二百米。桥上有灯。渡轮每天十二班。", "灯塔建于1960年。灯塔高三十米。", "无关的一句话。")
+    shown = [replace(pool[0], context="桥长二百米。"), replace(pool[2], context="无关的一句话。")]
+    seen, new = part_passages("渡轮每天几班？灯塔多高？", pool, shown, 40, len, 80)
+    assert [n for n, _ in new] == [1, 3] and "渡轮每天十二班" in new[0][1].prompt_text
+    assert "桥长" not in new[0][1].prompt_text and "灯塔高三十米" in new[1][1].prompt_text
+    assert seen[0].prompt_text.startswith("桥长二百米。 … ") and "渡轮每天十二班" in seen[0].prompt_text
+    assert len(seen) == 3 and seen[2].chunk.id == pool[1].chunk.id and seen[1] is shown[1]
+    # everything already shown: nothing new, nothing changed
+    same, none = part_passages("桥多长？", pool[:1], pool[:1], 400, len, 80)
+    assert none == [] and same == pool[:1]
+
+
+def test_each_later_part_is_asked_on_its_own_after_the_answer() -> None:
+    """answer_parts (opt-in): after the answer to the whole question streams, part 2 is asked in the same
+    conversation, shown its new sentences numbered after the first prompt's; its citations count, a citation
+    of the new passage is valid, and a part the documents do not answer is said so, not left blank."""
+    hits = _hits("桥长二百米。渡轮每天十二班。", "灯塔建于1960年。")
+    first = replace(hits[0], context="桥长二百米。")
+    llm = ScriptedLLM([["桥长二百米 [1]。"], ["每天十二班 [1]。"]])
+    qa = _qa_over(ZH_DOCS, llm, translate_query=False, ttft_target_s="none", context_tokens=8,
+                  answer_parts=True)
+    qa.fit_hits = lambda *a, **kw: ([first], None)  # the first prompt showed one sentence
+    answer, shown = _asked(qa, hits, "桥有多长？渡轮每天几班？")
+    assert shown == answer.answer == "桥长二百米 [1]。\n\n第 2 问：每天十二班 [1]。"
+    follow = llm.seen[1]
+    assert follow[:2] == llm.seen[0] and follow[2] == {"role": "assistant", "content": "桥长二百米 [1]。"}
+    assert "第 2 问：渡轮每天几班" in follow[3]["content"] and "[1] (节0)\n渡轮每天十二班。" in follow[3]["content"]
+    assert "渡轮每天十二班" in answer.context[0]["text"] and [c["n"] for c in answer.citations] == [1]
+    # a part answered from a passage the first prompt did not show cites it by its new number
+    llm = ScriptedLLM([["桥长二百米 [1]。"], ["建于1960年 [2]。"]])
+    qa = _qa_over(ZH_DOCS, llm, translate_query=False, ttft_target_s="none", context_tokens=30,
+                  answer_parts=True)
+    qa.fit_hits = lambda *a, **kw: ([first], None)
+    answer, shown = _asked(qa, hits, "桥有多长？灯塔是哪年建的？")
+    assert shown.endswith("第 2 问：建于1960年 [2]。") and [c["n"] for c in answer.citations] == [1, 2]
+    assert "[2] (节1)\n灯塔建于1960年。" in llm.seen[1][3]["content"] and len(answer.context) == 2
+    # the sentinel for a part: said in words
+    llm = ScriptedLLM([["桥长二百米 [1]。"], ["NOT_IN_DOCUMENTS"]])
+    qa = _qa_over(ZH_DOCS, llm, translate_query=False, ttft_target_s="none", context_tokens=8,
+                  answer_parts=True)
+    qa.fit_hits = lambda *a, **kw: ([first], None)
+    answer, shown = _asked(qa, hits, "桥有多长？桥是谁建的？")
+    assert shown == "桥长二百米 [1]。\n\n第 2 问：资料中没有这一问的答案。" and not answer.refused
+
+
 @pytest.mark.slow
 def test_the_opt_in_steps_answer_end_to_end_with_the_real_parts(corpus_settings: Settings, embedder) -> None:
     """cross_lingual_answer "translate" and focus_spread with the real index, embedder and 0.5B: the English
@@ -746,6 +796,34 @@ def test_the_opt_in_steps_answer_end_to_end_with_the_real_parts(corpus_settings:
         assert question_language(answer.answer) == "en"
     else:
         assert answer.answer.startswith(REFUSAL["en"])
+
+
+@pytest.mark.slow
+def test_a_two_part_question_gets_its_second_part_asked_with_the_real_parts(corpus_settings: Settings,
+                                                                           embedder) -> None:
+    """answer_parts with the real index, embedder and 0.5B: the answer streams, then part 2 is asked in the
+    same conversation; everything shown is the answer, its citations name passages the model saw (those the
+    follow-up added included), and the first token came before the follow-up."""
+    settings = corpus_settings.replace(answer_parts=True)
+    qa = QA(settings, index=Index(settings, embedder=embedder))
+    calls: list[list[dict]] = []
+    stream = qa.llm.stream
+
+    def recorded(messages: list[dict], *args: object, **kwargs: object) -> Iterator[str]:
+        calls.append(messages)
+        return stream(messages, *args, **kwargs)
+
+    qa.llm.stream = recorded  # type: ignore[method-assign]
+    shown: list[str] = []
+    answer = qa.ask("GPT-3 有多少参数？杰文斯悖论是什么？", on_token=shown.append)
+    assert "".join(shown).strip() == answer.answer
+    if answer.refused:
+        assert len(calls) == 1
+        return
+    assert len(calls) == 2 and calls[1][:3] == [*calls[0], calls[1][2]] and calls[1][2]["role"] == "assistant"
+    assert "第 2 问：杰文斯悖论是什么" in calls[1][3]["content"] and "\n\n第 2 问：" in answer.answer
+    assert answer.citations and all(1 <= c["n"] <= len(answer.context) for c in answer.citations)
+    assert answer.timings["ttft_ms"] < answer.timings["total_ms"]
 
 
 class GatedLLM(FakeLLM):
