@@ -227,6 +227,8 @@ class _Sentence:
 
 
 _CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]+")
+_WORD = re.compile(r"\w")  # letters, digits and CJK characters
+MIN_WORD_CHARS = 3  # a sentence sharing nothing with the question, shown for its own sake, holds this many (focus)
 
 
 def overlap_grams(text: str) -> set[str]:
@@ -350,6 +352,12 @@ def focus(
             break
         by_pos = {u.pos: u for u in own}
         for u in _ranked(own):
+            # A list marker or a heading word alone ("1.", "目录", "74。") that shares nothing with the question
+            # is no sentence to show for its own sake: leftover room filled with them gave 71 of 419 shown
+            # passages on the eval's tune part under 20 characters, a numbered label around nothing. As a
+            # neighbour it still comes along.
+            if not (u.score or any(u.part_scores)) and len(_WORD.findall(u.text)) < MIN_WORD_CHARS:
+                continue
             if take(u):
                 for near in (by_pos.get(u.pos - 1), by_pos.get(u.pos + 1)):
                     if near is not None:

@@ -177,6 +177,17 @@ def test_focus_without_any_overlap_keeps_a_passage_head() -> None:
     assert focus("Who proposed it?", hits, budget=8, count_tokens=len)[0].context == "第一句。第二句。"
 
 
+def test_focus_fills_no_leftover_room_with_list_markers() -> None:
+    """Room left after the relevant sentences is not given to a list marker or a heading word that shares nothing
+    with the question ("1.", "目录"): a numbered passage around nothing. Next to a kept sentence it stays."""
+    hits = [_hit(0, "灯塔建于1960年。"), _hit(1, "目录\n1. 渡轮公司的历史很长很长。")]
+    out = focus("灯塔是哪年建的？", hits, budget=13, count_tokens=len)
+    assert [h.chunk.id for h in out] == ["c0"]
+    one = [_hit(1, "1. 渡轮公司的历史很长很长。2. 别的话题也很长。")]
+    kept = focus("渡轮公司的历史？", one, budget=16, count_tokens=len)
+    assert kept[0].context == "1. 渡轮公司的历史很长很长。"
+
+
 def test_focus_uses_the_embedding_for_cross_lingual_relevance() -> None:
     hits = [_hit(0, "甲句子。乙句子。丙句子。丁句子。")]
     vectors = {"甲句子。": [1.0, 0.0], "乙句子。": [0.0, 1.0], "丙句子。": [0.0, 1.0], "丁句子。": [0.6, 0.8]}
