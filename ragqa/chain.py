@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -429,11 +429,11 @@ def passage_label(hit: Hit) -> str:
     )
 
 
-def format_passages(hits: list[Hit], english_magnitudes: bool = False, first: int = 1) -> str:
-    """The numbered passages as the prompt shows them, from [first]; `english_magnitudes` writes Chinese
-    counts in English (textnorm.with_english_magnitudes), for a question asked in English."""
+def format_passages(hits: list[Hit], english_magnitudes: bool = False) -> str:
+    """The numbered passages as the prompt shows them; `english_magnitudes` writes Chinese counts in English
+    (textnorm.with_english_magnitudes), for a question asked in English."""
     parts = []
-    for i, hit in enumerate(hits, start=first):
+    for i, hit in enumerate(hits, start=1):
         text = with_english_magnitudes(hit.prompt_text) if english_magnitudes else hit.prompt_text
         parts.append(_defang(f"[{i}] ({passage_label(hit)})\n{text}"))
     return "<documents>\n" + "\n\n".join(parts) + "\n</documents>"
@@ -454,8 +454,8 @@ def part_passages(
     Returns the passages as the model has now seen them (a passage it had not seen is appended, so its number
     follows theirs; one it had seen shows its new sentences after "…"), and the (number, passage holding only
     the new sentences) pairs for the follow-up prompt; none when the first prompt showed everything.
-    A part's evidence is what the first prompt's budget most often cut: it shares few words with the whole
-    question, and the first part's passages took the room (evals/RESULTS.md)."""
+    Why: a later part's sentences share few words with the whole question, so the first prompt's focus may
+    have given their room to the first part's."""
     seen = list(hits)
     where = {h.chunk.id: i for i, h in enumerate(seen)}
     new: list[tuple[int, Hit]] = []
@@ -468,11 +468,11 @@ def part_passages(
             continue
         added = " ".join(fresh)
         if i is None:
-            seen.append(Hit(**{**hit.__dict__, "context": added}))
+            seen.append(replace(hit, context=added))
             i = where[hit.chunk.id] = len(seen) - 1
         else:
-            seen[i] = Hit(**{**seen[i].__dict__, "context": f"{seen[i].prompt_text} … {added}"})
-        new.append((i + 1, Hit(**{**hit.__dict__, "context": added})))
+            seen[i] = replace(seen[i], context=f"{seen[i].prompt_text} … {added}")
+        new.append((i + 1, replace(hit, context=added)))
     return seen, new
 
 
