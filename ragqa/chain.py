@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -432,10 +432,15 @@ def passage_label(hit: Hit) -> str:
 def format_passages(hits: list[Hit], english_magnitudes: bool = False) -> str:
     """The numbered passages as the prompt shows them; `english_magnitudes` writes Chinese counts in English
     (textnorm.with_english_magnitudes), for a question asked in English."""
+    return numbered_passages(enumerate(hits, start=1), english_magnitudes)
+
+
+def numbered_passages(numbered: Iterable[tuple[int, Hit]], english_magnitudes: bool = False) -> str:
+    """format_passages for passages numbered by the caller (a follow-up shows some of them, by their numbers)."""
     parts = []
-    for i, hit in enumerate(hits, start=1):
+    for n, hit in numbered:
         text = with_english_magnitudes(hit.prompt_text) if english_magnitudes else hit.prompt_text
-        parts.append(_defang(f"[{i}] ({passage_label(hit)})\n{text}"))
+        parts.append(_defang(f"[{n}] ({passage_label(hit)})\n{text}"))
     return "<documents>\n" + "\n\n".join(parts) + "\n</documents>"
 
 
@@ -462,8 +467,7 @@ def part_passages(
     for hit in focus(part, pool, budget, count_tokens, split_chars=split_chars):
         i = where.get(hit.chunk.id)
         shown = _SPACE.sub("", seen[i].prompt_text) if i is not None else ""
-        fresh = [s.strip() for piece in hit.prompt_text.split("…") for s in sentences(piece)
-                 if has_words(s) and _SPACE.sub("", s) not in shown]
+        fresh = [s for _, s in passage_sentences([hit]) if _SPACE.sub("", s) not in shown]
         if not fresh:
             continue
         added = " ".join(fresh)
@@ -484,14 +488,7 @@ def part_messages(
     passages, numbered as `part_passages` numbered them, then the part. The conversation so far is llama.cpp's
     evaluated prefix, so this costs about its own tokens."""
     lang = question_language(part)
-    docs = ""
-    if new:
-        blocks = [
-            _defang(f"[{n}] ({passage_label(h)})\n"
-                    + (with_english_magnitudes(h.prompt_text) if english_magnitudes else h.prompt_text))
-            for n, h in new
-        ]
-        docs = PART_DOCUMENTS[lang].format(documents="<documents>\n" + "\n\n".join(blocks) + "\n</documents>")
+    docs = PART_DOCUMENTS[lang].format(documents=numbered_passages(new, english_magnitudes)) if new else ""
     shown = part
     if translated:
         shown += (f"\n(In the documents' language: {translated})" if lang == "en"
